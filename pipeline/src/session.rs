@@ -1,0 +1,89 @@
+//! What the stages of one session share: audio dropped so far, and the first fatal error.
+//!
+//! Stages never talk to the socket; they record here and egress, woken by [`SessionShared::changed`],
+//! tells the client (a `warning` for drops, an `error` and a close code for a fatal error).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+/// A session-ending error, as the client will see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionError {
+    /// Protocol error code (`invalid_audio`, `overloaded`, `engine_error`, …).
+    pub code: &'static str,
+    pub message: String,
+    /// WebSocket close code sent after the `error` message.
+    pub close_code: u16,
+}
+
+/// WebSocket close codes used by voxflow (RFC 6455 §7.4.1).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+#[derive(Debug, Default)]
+pub struct SessionShared {
+    dropped_items: AtomicU64,
+    dropped_us: AtomicU64,
+    fatal: Mutex<Option<SessionError>>,
+    notify: Notify,
+    going_away: AtomicBool,
+}
+
+impl SessionShared {
+    pub fn new() -> SessionShared {
+        SessionShared::default()
+    }
+
+    /// Record an item of `audio_us` microseconds that will never reach the engine.
+    pub fn record_drop(&self, audio_us: u64) {
+        self.dropped_items.fetch_add(1, Ordering::Relaxed);
+        self.dropped_us.fetch_add(audio_us, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Items and microseconds of audio dropped since the session began.
+    pub fn drops(&self) -> (u64, u64) {
+        (
+            self.dropped_items.load(Ordering::Relaxed),
+            self.dropped_us.load(Ordering::Relaxed),
+        )
+    }
+
+    /// End the session with `error`. The first error wins; later ones are consequences.
+    pub fn fail(&self, error: SessionError) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if fatal.is_none() {
+            *fatal = Some(error);
+        }
+        drop(fatal);
+        self.notify.notify_one();
+    }
+
+    pub fn fatal(&self) -> Option<SessionError> {
+        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Mark the session as ending because the server is shutting down (close 1001, not 1000).
+    pub fn set_going_away(&self) {
+        self.going_away.store(true, Ordering::Relaxed);
+    }
+
+    pub fn going_away(&self) -> bool {
+        self.going_away.load(Ordering::Relaxed)
+    }
+
+    /// Resolves after the next drop or failure (or at once if one happened since the last call).
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}

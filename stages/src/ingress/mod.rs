@@ -1,0 +1,192 @@
+//! Ingress: WebSocket messages in, encoded audio payloads and finalize markers out.
+//!
+//! Consumes the read half of a session's socket; produces [`Payload`]s (base64 content sliced
+//! out of the JSON frame without copying, or binary frames) and `Finalize` markers for decode.
+//! Keeps only the session's format (to estimate payload durations for drop reports). A `stop`,
+//! shutdown, or the end of the socket ends it; ending drops its output, so the rest of the graph
+//! flushes and finishes. Bad input fails the session with the documented code; it never panics.
+//! While decode's queue is full, ingress stops reading: backpressure reaches the client's TCP
+//! socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use pipeline::audio::PayloadData;
+use pipeline::edge::EdgeTx;
+use pipeline::metrics::{ErrorKind, StageMetrics};
+use pipeline::processor::on_send_error;
+use pipeline::protocol::{ClientMessage, ProtocolError, parse};
+use pipeline::session::close_code;
+use pipeline::{AudioFormat, Encoding, Flow, Payload, SessionError, SessionShared};
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// Audio assumed per Opus packet when reporting drops before decode.
+const OPUS_PACKET_US: u64 = 20_000;
+
+/// Why ingress stopped reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressEnd {
+    /// The client sent `stop`: drain and close normally.
+    Stopped,
+    /// The server is shutting down: drain and close with 1001.
+    Shutdown,
+    /// The socket closed or broke: nobody to send results to.
+    ClientGone,
+    /// Bad input or a full queue; the session has recorded the error.
+    Failed,
+}
+
+pub struct Ingress {
+    format: AudioFormat,
+    idle_timeout: Duration,
+    session: Arc<SessionShared>,
+    metrics: StageMetrics,
+}
+
+impl Ingress {
+    pub fn new(
+        format: AudioFormat,
+        idle_timeout: Duration,
+        session: Arc<SessionShared>,
+        metrics: StageMetrics,
+    ) -> Ingress {
+        Ingress { format, idle_timeout, session, metrics }
+    }
+
+    /// Read the socket until `stop`, shutdown, failure or disconnect. `first` is a message the
+    /// caller already read (the one that started the session), handled before the socket.
+    pub async fn run<S>(
+        &self,
+        mut socket: S,
+        first: Option<Message>,
+        output: EdgeTx<Flow<Payload>>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> IngressEnd
+    where
+        S: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        tokio::pin!(shutdown);
+        if let Some(message) = first
+            && let Some(end) = self.handle(message, &output).await
+        {
+            return end;
+        }
+        // One timer for the whole session, re-armed only when it fires: per-message resets
+        // would cost a timer-wheel update for every frame.
+        let mut last_message = Instant::now();
+        let idle = sleep_until(last_message + self.idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            let message = tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    self.session.set_going_away();
+                    return IngressEnd::Shutdown;
+                }
+                () = &mut idle => {
+                    let deadline = last_message + self.idle_timeout;
+                    if Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
+                    return self.fail(SessionError {
+                        code: "idle_timeout",
+                        message: format!("no message for {} ms", self.idle_timeout.as_millis()),
+                        close_code: close_code::POLICY_VIOLATION,
+                    }, ErrorKind::Protocol);
+                }
+                message = socket.next() => message,
+            };
+            last_message = Instant::now();
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(WsError::Capacity(error))) => {
+                    return self.fail(SessionError {
+                        code: "message_too_big",
+                        message: error.to_string(),
+                        close_code: close_code::MESSAGE_TOO_BIG,
+                    }, ErrorKind::Protocol);
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "Socket read failed.");
+                    self.metrics.error(ErrorKind::Socket);
+                    return IngressEnd::ClientGone;
+                }
+                None => return IngressEnd::ClientGone,
+            };
+            if let Some(end) = self.handle(message, &output).await {
+                return end;
+            }
+        }
+    }
+
+    /// Handle one message; `Some` when ingress is done.
+    async fn handle(&self, message: Message, output: &EdgeTx<Flow<Payload>>) -> Option<IngressEnd> {
+        self.metrics.received.increment(1);
+        let started = Instant::now();
+        let flow = match message {
+            Message::Text(text) => {
+                let bytes = Bytes::from(text);
+                let parsed = std::str::from_utf8(&bytes)
+                    .map_err(|e| ProtocolError::Json(e.to_string()))
+                    .and_then(parse);
+                match parsed {
+                    Ok(ClientMessage::Audio { content, .. }) => {
+                        let base64 = if bytes.as_ptr_range().contains(&content.as_ptr()) {
+                            // The usual case: slice the frame rather than copy the content.
+                            bytes.slice_ref(content.as_bytes())
+                        } else {
+                            Bytes::from(content.into_owned())
+                        };
+                        let audio_us = self.estimate_us(base64.len() / 4 * 3);
+                        Flow::Data(Payload { data: PayloadData::Base64(base64), audio_us })
+                    }
+                    Ok(ClientMessage::Finalize) => Flow::Finalize,
+                    Ok(ClientMessage::Stop) => return Some(IngressEnd::Stopped),
+                    Ok(ClientMessage::KeepAlive) => return None,
+                    Ok(ClientMessage::Start(_)) => {
+                        let error = ProtocolError::Violation("start must be the first message of a session".into());
+                        return Some(self.fail(error.to_session_error(), ErrorKind::Protocol));
+                    }
+                    Err(error) => return Some(self.fail(error.to_session_error(), ErrorKind::Protocol)),
+                }
+            }
+            Message::Binary(bytes) => {
+                let audio_us = self.estimate_us(bytes.len());
+                Flow::Data(Payload { data: PayloadData::Binary(bytes), audio_us })
+            }
+            Message::Close(_) => return Some(IngressEnd::ClientGone),
+            // tungstenite answers pings itself.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
+        };
+        self.metrics.processing.record(started.elapsed().as_secs_f64());
+        let sent = match flow {
+            Flow::Data(payload) => output.send_data(payload).await,
+            Flow::Finalize => output.send_finalize().await,
+        };
+        match sent {
+            Ok(()) => None,
+            Err(error) => {
+                on_send_error(&error, &self.metrics, &self.session);
+                Some(IngressEnd::Failed)
+            }
+        }
+    }
+
+    fn estimate_us(&self, len: usize) -> u64 {
+        match self.format.encoding {
+            Encoding::Opus => OPUS_PACKET_US,
+            _ => self.format.bytes_to_us(len).unwrap_or(0),
+        }
+    }
+
+    fn fail(&self, error: SessionError, kind: ErrorKind) -> IngressEnd {
+        tracing::info!(code = error.code, message = %error.message, "Rejected client input.");
+        self.metrics.error(kind);
+        self.session.fail(error);
+        IngressEnd::Failed
+    }
+}
