@@ -6,6 +6,9 @@
 //! egress. At end of input it half-closes the stream and keeps relaying until the engine has sent
 //! its last finals. An engine error ends the session with the engine's code.
 
+pub mod config;
+pub mod google;
+
 use std::sync::Arc;
 
 use pipeline::edge::{EdgeRx, EdgeTx};

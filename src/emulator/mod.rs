@@ -1,0 +1,1 @@
+//! The Google-compatible Speech-to-Text emulator (`voxflow emulator`). (Being written.)
