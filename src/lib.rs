@@ -1,1 +1,21 @@
+//! voxflow: a gateway for live speech transcription.
+//!
+//! `ws ingress → decode → resample → vad → batch → stt → egress`
+//!
+//! Clients stream audio over a WebSocket (`/v1/stream`); each session runs the stages above as
+//! tasks joined by bounded edges and gets partial and final transcripts back on the same socket.
+//!
+//! # Layout
+//! - `main.rs`: the CLI (`serve`, `emulator`), logging, signals.
+//! - [`config`]: the TOML/env configuration and its validation.
+//! - [`server`]: listeners, HTTP upgrade, the per-session graph, `/metrics` and health.
+//! - [`emulator`]: a Google-compatible Speech-to-Text server for development and tests.
+//! - `pipeline` (crate): edges, processors, metrics catalog, shared types.
+//! - `stages` (crate): one folder per stage.
 
+pub mod config;
+pub mod emulator;
+pub mod server;
+
+pub use config::{Config, Settings};
+pub use server::{Server, run};

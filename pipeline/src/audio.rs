@@ -44,7 +44,9 @@ impl Encoding {
     }
 
     pub fn parse(name: &str) -> Option<Encoding> {
-        Encoding::ALL.into_iter().find(|e| e.as_str().eq_ignore_ascii_case(name))
+        Encoding::ALL
+            .into_iter()
+            .find(|e| e.as_str().eq_ignore_ascii_case(name))
     }
 
     /// Bytes per sample per channel, for fixed-size encodings.

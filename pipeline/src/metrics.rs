@@ -7,8 +7,9 @@
 #![allow(clippy::disallowed_macros)]
 
 pub use metrics::{Counter, Gauge, Histogram};
-use metrics::{Unit, counter, describe_counter, describe_gauge,
-    describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 /// Prometheus metric type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +153,9 @@ pub fn buckets() -> Vec<(&'static str, Vec<f64>)> {
     let fast = vec![
         1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1,
     ];
-    let slow = vec![1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    let slow = vec![
+        1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
     let audio = vec![0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0];
     vec![
         (STAGE_PROCESSING, fast),

@@ -75,7 +75,10 @@ pub async fn run_processor<P: Processor>(
                 true
             }
         };
-        if forward(&mut out, &output, &metrics, &session, finalize).await.is_err() {
+        if forward(&mut out, &output, &metrics, &session, finalize)
+            .await
+            .is_err()
+        {
             input.close();
             return;
         }
@@ -94,10 +97,16 @@ async fn forward<T: AudioLength>(
     finalize: bool,
 ) -> Result<(), EdgeError> {
     for item in out.drain(..) {
-        output.send_data(item).await.inspect_err(|e| on_send_error(e, metrics, session))?;
+        output
+            .send_data(item)
+            .await
+            .inspect_err(|e| on_send_error(e, metrics, session))?;
     }
     if finalize {
-        output.send_finalize().await.inspect_err(|e| on_send_error(e, metrics, session))?;
+        output
+            .send_finalize()
+            .await
+            .inspect_err(|e| on_send_error(e, metrics, session))?;
     }
     Ok(())
 }
@@ -108,7 +117,10 @@ pub fn on_send_error(error: &EdgeError, metrics: &StageMetrics, session: &Sessio
         // Downstream ended first: it has already reported why.
         EdgeError::Closed => {}
         EdgeError::Overflow => {
-            tracing::warn!(stage = metrics.stage, "Output queue full past its send timeout; closing the session.");
+            tracing::warn!(
+                stage = metrics.stage,
+                "Output queue full past its send timeout; closing the session."
+            );
             session.fail(SessionError {
                 code: "overloaded",
                 message: format!(

@@ -34,7 +34,10 @@ pub struct StartFields {
 #[derive(Debug, PartialEq)]
 pub enum ClientMessage<'a> {
     Start(Box<StartFields>),
-    Audio { audio_id: Option<Cow<'a, str>>, content: Cow<'a, str> },
+    Audio {
+        audio_id: Option<Cow<'a, str>>,
+        content: Cow<'a, str>,
+    },
     Finalize,
     Stop,
     KeepAlive,
@@ -118,7 +121,11 @@ impl ProtocolError {
             }
             ProtocolError::Violation(_) => ("protocol_error", close_code::POLICY_VIOLATION),
         };
-        SessionError { code, message: self.to_string(), close_code: close }
+        SessionError {
+            code,
+            message: self.to_string(),
+            close_code: close,
+        }
     }
 }
 
@@ -139,7 +146,9 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
     let kind = raw.kind.as_deref();
     let only_type = |name: &str| {
         if raw.content.is_some() || raw.has_start_fields() {
-            Err(ProtocolError::Invalid(format!("a {name} message takes no other fields")))
+            Err(ProtocolError::Invalid(format!(
+                "a {name} message takes no other fields"
+            )))
         } else {
             Ok(())
         }
@@ -148,7 +157,8 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
         Some("audio") | None => {
             if raw.has_start_fields() {
                 return Err(ProtocolError::Invalid(
-                    "audio messages carry only audio_id and content; send format fields in start".into(),
+                    "audio messages carry only audio_id and content; send format fields in start"
+                        .into(),
                 ));
             }
             let content = raw.content.ok_or_else(|| {
@@ -158,11 +168,16 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
                     "audio message without content".into()
                 })
             })?;
-            Ok(ClientMessage::Audio { audio_id: raw.audio_id, content })
+            Ok(ClientMessage::Audio {
+                audio_id: raw.audio_id,
+                content,
+            })
         }
         Some("start") => {
             if raw.content.is_some() {
-                return Err(ProtocolError::Invalid("start carries no content; send audio after it".into()));
+                return Err(ProtocolError::Invalid(
+                    "start carries no content; send audio after it".into(),
+                ));
             }
             Ok(ClientMessage::Start(Box::new(StartFields {
                 audio_id: raw.audio_id.map(Cow::into_owned),
@@ -211,7 +226,10 @@ pub struct EffectiveConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage<'a> {
-    Ready { session_id: &'a str, config: &'a EffectiveConfig },
+    Ready {
+        session_id: &'a str,
+        config: &'a EffectiveConfig,
+    },
     Transcript {
         audio_id: &'a str,
         is_final: bool,
@@ -227,8 +245,13 @@ pub enum ServerMessage<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         dropped_ms: Option<u64>,
     },
-    Error { code: &'static str, message: &'a str },
-    Closed { reason: &'static str },
+    Error {
+        code: &'static str,
+        message: &'a str,
+    },
+    Closed {
+        reason: &'static str,
+    },
 }
 
 impl ServerMessage<'_> {
@@ -246,16 +269,25 @@ mod tests {
         let msg = parse(r#"{"audio_id":"a1","content":"AAAA"}"#).unwrap();
         assert_eq!(
             msg,
-            ClientMessage::Audio { audio_id: Some("a1".into()), content: "AAAA".into() }
+            ClientMessage::Audio {
+                audio_id: Some("a1".into()),
+                content: "AAAA".into()
+            }
         );
-        assert!(matches!(parse(r#"{"type":"audio","content":"AAAA"}"#), Ok(ClientMessage::Audio { .. })));
+        assert!(matches!(
+            parse(r#"{"type":"audio","content":"AAAA"}"#),
+            Ok(ClientMessage::Audio { .. })
+        ));
     }
 
     #[test]
     fn content_borrows_from_the_frame() {
         let text = r#"{"content":"AAAA"}"#.to_string();
         match parse(&text).unwrap() {
-            ClientMessage::Audio { content: Cow::Borrowed(_), .. } => {}
+            ClientMessage::Audio {
+                content: Cow::Borrowed(_),
+                ..
+            } => {}
             other => panic!("expected borrowed content, got {other:?}"),
         }
     }
@@ -264,12 +296,17 @@ mod tests {
     fn start_and_controls() {
         let msg = parse(r#"{"type":"start","encoding":"OPUS","sample_rate_hertz":48000,"interim_results":false}"#)
             .unwrap();
-        let ClientMessage::Start(fields) = msg else { panic!() };
+        let ClientMessage::Start(fields) = msg else {
+            panic!()
+        };
         assert_eq!(fields.encoding.as_deref(), Some("OPUS"));
         assert_eq!(fields.sample_rate_hertz, Some(48_000));
         assert_eq!(parse(r#"{"type":"finalize"}"#), Ok(ClientMessage::Finalize));
         assert_eq!(parse(r#"{"type":"stop"}"#), Ok(ClientMessage::Stop));
-        assert_eq!(parse(r#"{"type":"keepalive"}"#), Ok(ClientMessage::KeepAlive));
+        assert_eq!(
+            parse(r#"{"type":"keepalive"}"#),
+            Ok(ClientMessage::KeepAlive)
+        );
     }
 
     #[test]
@@ -278,10 +315,22 @@ mod tests {
         assert_eq!(code("{not json").code, "invalid_json");
         assert_eq!(code("{not json").close_code, 1007);
         assert_eq!(code(r#"{"type":"dance"}"#).code, "unknown_type");
-        assert_eq!(code(r#"{"type":"start","sample_rate":16000}"#).code, "invalid_message");
-        assert_eq!(code(r#"{"type":"stop","content":"AA"}"#).code, "invalid_message");
+        assert_eq!(
+            code(r#"{"type":"start","sample_rate":16000}"#).code,
+            "invalid_message"
+        );
+        assert_eq!(
+            code(r#"{"type":"stop","content":"AA"}"#).code,
+            "invalid_message"
+        );
         assert_eq!(code(r#"{"audio_id":"x"}"#).code, "invalid_message");
-        assert_eq!(parse_encoding("FLAC").unwrap_err().to_session_error().close_code, 1003);
+        assert_eq!(
+            parse_encoding("FLAC")
+                .unwrap_err()
+                .to_session_error()
+                .close_code,
+            1003
+        );
     }
 
     #[test]

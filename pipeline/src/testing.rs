@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::engine::{EngineInput, EngineResult, SttEngine, SttError, SttStream, StreamConfig};
+use crate::engine::{EngineInput, EngineResult, StreamConfig, SttEngine, SttError, SttStream};
 
 #[derive(Clone)]
 pub struct CountingEngine {
@@ -58,7 +58,10 @@ pub fn parse_counts(transcript: &str) -> Option<(u64, u64)> {
 
 /// The wrapping sum the engine reports for `samples`.
 pub fn checksum(samples: &[i16]) -> u64 {
-    samples.iter().fold(0u64, |acc, &s| acc.wrapping_add(s as u16 as u64)) & 0xffff_ffff
+    samples
+        .iter()
+        .fold(0u64, |acc, &s| acc.wrapping_add(s as u16 as u64))
+        & 0xffff_ffff
 }
 
 impl SttEngine for CountingEngine {
@@ -74,7 +77,10 @@ impl SttEngine for CountingEngine {
         let (audio_tx, audio_rx) = mpsc::channel(1);
         let (results_tx, results_rx) = mpsc::channel(4);
         tokio::spawn(run(self.clone(), config, audio_rx, results_tx));
-        Ok(SttStream { audio: audio_tx, results: results_rx })
+        Ok(SttStream {
+            audio: audio_tx,
+            results: results_rx,
+        })
     }
 }
 
@@ -91,7 +97,9 @@ async fn run(
         if stalled.wait_for(|s| !*s).await.is_err() {
             // The handle is gone: never stalled again.
         }
-        let Some(input) = audio.recv().await else { break };
+        let Some(input) = audio.recv().await else {
+            break;
+        };
         match input {
             EngineInput::Audio(batch) => {
                 let n = engine.batches.fetch_add(1, Ordering::Relaxed) + 1;
@@ -126,7 +134,10 @@ async fn run(
                 }
             }
             EngineInput::Finalize => {
-                if emit_final(&results, &mut count, &mut sum, &mut start, end).await.is_err() {
+                if emit_final(&results, &mut count, &mut sum, &mut start, end)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 since_interim = 0;
@@ -143,7 +154,9 @@ async fn emit_final(
     start: &mut Option<u64>,
     end: u64,
 ) -> Result<(), ()> {
-    let Some(first) = start.take() else { return Ok(()) };
+    let Some(first) = start.take() else {
+        return Ok(());
+    };
     let result = EngineResult {
         is_final: true,
         transcript: format!("samples={count} sum={sum}"),

@@ -141,7 +141,11 @@ impl<T: AudioLength> EdgeTx<T> {
     }
 
     async fn wait_and_send(&self, item: T, reliable: bool) -> Result<(), EdgeError> {
-        let policy = if reliable { OverflowPolicy::Block } else { self.settings.overflow };
+        let policy = if reliable {
+            OverflowPolicy::Block
+        } else {
+            self.settings.overflow
+        };
         if policy == OverflowPolicy::Block {
             let permit = self.tx.reserve().await.map_err(|_| EdgeError::Closed)?;
             permit.send(item);
@@ -200,7 +204,12 @@ impl<T: AudioLength> EdgeTx<T> {
         let audio_us = item.audio_us();
         self.from.dropped(reason, audio_us);
         self.session.record_drop(audio_us);
-        tracing::debug!(stage = self.from.stage, reason = reason.as_str(), audio_us, "Dropped an item.");
+        tracing::debug!(
+            stage = self.from.stage,
+            reason = reason.as_str(),
+            audio_us,
+            "Dropped an item."
+        );
     }
 
     /// Wait for room on the queue (no timeout, no policy): for stages that hold data back while
@@ -253,7 +262,13 @@ pub struct EdgeRx<T> {
 impl<T> EdgeRx<T> {
     /// The next item, or `None` once every sender has gone and the queue is empty.
     pub async fn recv(&mut self) -> Option<T> {
-        let item = poll_fn(|cx| self.rx.lock().unwrap_or_else(|e| e.into_inner()).poll_recv(cx)).await;
+        let item = poll_fn(|cx| {
+            self.rx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .poll_recv(cx)
+        })
+        .await;
         if item.is_some() {
             self.metrics.received.increment(1);
             self.metrics.queue_depth.decrement(1.0);
@@ -300,7 +315,11 @@ impl<T> Drop for EdgeRx<T> {
         }
         self.metrics.queue_depth.decrement(left as f64);
         if left > 0 {
-            tracing::debug!(stage = self.metrics.stage, left, "Input queue discarded at end of session.");
+            tracing::debug!(
+                stage = self.metrics.stage,
+                left,
+                "Input queue discarded at end of session."
+            );
         }
         self.metrics.queue_capacity.decrement(self.capacity as f64);
     }

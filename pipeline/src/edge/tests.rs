@@ -6,7 +6,12 @@ use super::*;
 use crate::AudioFrame;
 
 fn frame(n: u64) -> AudioFrame {
-    AudioFrame { samples: vec![0; 320], sample_rate_hz: 16_000, start_sample: n * 320, speech: true }
+    AudioFrame {
+        samples: vec![0; 320],
+        sample_rate_hz: 16_000,
+        start_sample: n * 320,
+        speech: true,
+    }
 }
 
 fn make(policy: OverflowPolicy) -> (EdgeTx<AudioFrame>, EdgeRx<AudioFrame>, Arc<SessionShared>) {
@@ -63,7 +68,10 @@ async fn block_waits_for_room_and_loses_nothing() {
         tx.send(frame(2)).await.unwrap();
     });
     tokio::time::sleep(Duration::from_secs(60)).await;
-    assert!(!sender.is_finished(), "a blocked send must keep waiting past the timeout");
+    assert!(
+        !sender.is_finished(),
+        "a blocked send must keep waiting past the timeout"
+    );
     assert_eq!(rx.recv().await.unwrap().start_sample, 0);
     sender.await.unwrap();
     assert_eq!(rx.recv().await.unwrap().start_sample, 320);

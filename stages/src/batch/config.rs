@@ -16,7 +16,10 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { max_duration_ms: 100, max_bytes: MAX_REQUEST_BYTES }
+        BatchConfig {
+            max_duration_ms: 100,
+            max_bytes: MAX_REQUEST_BYTES,
+        }
     }
 }
 
@@ -46,6 +49,8 @@ impl BatchConfig {
             return Err(BatchError::Bytes(self.max_bytes));
         }
         let by_time = (self.max_duration_ms * u64::from(sample_rate_hz) / 1000) as usize;
-        Ok(BatchSettings { max_samples: by_time.min(self.max_bytes / 2) })
+        Ok(BatchSettings {
+            max_samples: by_time.min(self.max_bytes / 2),
+        })
     }
 }

@@ -76,7 +76,10 @@ pub struct Builder {
 
 impl Builder {
     pub fn new(max_samples: usize) -> Builder {
-        Builder { max_samples, pending: None }
+        Builder {
+            max_samples,
+            pending: None,
+        }
     }
 
     pub fn has_pending(&self) -> bool {
@@ -91,7 +94,11 @@ impl Builder {
     pub fn push(&mut self, frame: AudioFrame) -> Vec<AudioBatch> {
         let mut full = Vec::new();
         // A gap (audio the VAD gate held back) starts a new batch: batches are contiguous.
-        if self.pending.as_ref().is_some_and(|b| b.end_sample() != frame.start_sample) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|b| b.end_sample() != frame.start_sample)
+        {
             full.push(self.take());
         }
         let mut offset = 0;
@@ -104,7 +111,9 @@ impl Builder {
             });
             let room = self.max_samples - batch.samples.len();
             let n = room.min(frame.samples.len() - offset);
-            batch.samples.extend_from_slice(&frame.samples[offset..offset + n]);
+            batch
+                .samples
+                .extend_from_slice(&frame.samples[offset..offset + n]);
             batch.speech |= frame.speech;
             offset += n;
             if batch.samples.len() == self.max_samples {

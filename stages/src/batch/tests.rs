@@ -11,11 +11,24 @@ fn frame(start: u64, len: usize, speech: bool) -> AudioFrame {
 
 #[test]
 fn limits_come_from_both_duration_and_bytes() {
-    let config = BatchConfig { max_duration_ms: 100, max_bytes: 25_600 };
+    let config = BatchConfig {
+        max_duration_ms: 100,
+        max_bytes: 25_600,
+    };
     assert_eq!(config.validate(16_000).unwrap().max_samples, 1_600);
-    let config = BatchConfig { max_duration_ms: 1_000, max_bytes: 25_600 };
+    let config = BatchConfig {
+        max_duration_ms: 1_000,
+        max_bytes: 25_600,
+    };
     assert_eq!(config.validate(16_000).unwrap().max_samples, 12_800);
-    assert!(BatchConfig { max_duration_ms: 100, max_bytes: 30_000 }.validate(16_000).is_err());
+    assert!(
+        BatchConfig {
+            max_duration_ms: 100,
+            max_bytes: 30_000
+        }
+        .validate(16_000)
+        .is_err()
+    );
 }
 
 #[test]
@@ -31,7 +44,11 @@ fn frames_accumulate_until_the_limit_and_keep_every_sample() {
     let rest = builder.take();
     assert_eq!(rest.start_sample, 3_200);
     assert_eq!(rest.samples.len(), 640);
-    let all: Vec<i16> = out.iter().chain([&rest]).flat_map(|b| b.samples.clone()).collect();
+    let all: Vec<i16> = out
+        .iter()
+        .chain([&rest])
+        .flat_map(|b| b.samples.clone())
+        .collect();
     assert_eq!(all, (0..3_840).map(|i| i as i16).collect::<Vec<_>>());
 }
 
@@ -39,7 +56,10 @@ fn frames_accumulate_until_the_limit_and_keep_every_sample() {
 fn an_oversized_frame_is_split() {
     let mut builder = Builder::new(1_600);
     let out = builder.push(frame(0, 4_000, true));
-    assert_eq!(out.iter().map(|b| b.samples.len()).collect::<Vec<_>>(), [1_600, 1_600]);
+    assert_eq!(
+        out.iter().map(|b| b.samples.len()).collect::<Vec<_>>(),
+        [1_600, 1_600]
+    );
     assert_eq!(builder.take().samples.len(), 800);
 }
 

@@ -26,7 +26,11 @@ const fn mulaw(byte: u8) -> i16 {
     let exponent = (u >> 4) & 0x07;
     let mantissa = (u & 0x0f) as i32;
     let magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84;
-    if u & 0x80 != 0 { -magnitude as i16 } else { magnitude as i16 }
+    if u & 0x80 != 0 {
+        -magnitude as i16
+    } else {
+        magnitude as i16
+    }
 }
 
 const fn alaw(byte: u8) -> i16 {
@@ -39,5 +43,9 @@ const fn alaw(byte: u8) -> i16 {
     } else {
         ((mantissa << 4) + 0x108) << (exponent - 1)
     };
-    if a & 0x80 != 0 { magnitude as i16 } else { -magnitude as i16 }
+    if a & 0x80 != 0 {
+        magnitude as i16
+    } else {
+        -magnitude as i16
+    }
 }

@@ -10,12 +10,12 @@ mod g711;
 mod tests;
 
 use base64::Engine as _;
-use base64::engine::{GeneralPurpose, GeneralPurposeConfig, DecodePaddingMode};
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use pipeline::audio::PayloadData;
 use pipeline::metrics::{ErrorKind, sessions};
 use pipeline::processor::StageError;
 use pipeline::session::close_code;
 use pipeline::{AudioFormat, AudioFrame, Encoding, Payload, Processor, SessionError};
-use pipeline::audio::PayloadData;
 
 /// Standard alphabet; padding optional, since clients differ.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -31,7 +31,11 @@ pub enum DecodeError {
     #[error("content is not valid base64: {0}")]
     Base64(#[from] base64::DecodeError),
     #[error("{len} bytes is not a whole number of {encoding} frames ({frame} bytes each)")]
-    PartialFrame { len: usize, encoding: &'static str, frame: usize },
+    PartialFrame {
+        len: usize,
+        encoding: &'static str,
+        frame: usize,
+    },
     #[error("invalid Opus packet: {0}")]
     Opus(String),
     #[error("unsupported format: {0}")]
@@ -85,11 +89,18 @@ impl Decode {
             )));
         }
         if !(1..=2).contains(&format.channels) {
-            return Err(DecodeError::Unsupported(format!("{} channels (1 or 2 supported)", format.channels)));
+            return Err(DecodeError::Unsupported(format!(
+                "{} channels (1 or 2 supported)",
+                format.channels
+            )));
         }
         let opus = match format.encoding {
             Encoding::Opus => {
-                let channels = if format.channels == 2 { opus::Channels::Stereo } else { opus::Channels::Mono };
+                let channels = if format.channels == 2 {
+                    opus::Channels::Stereo
+                } else {
+                    opus::Channels::Mono
+                };
                 Some(
                     opus::Decoder::new(format.sample_rate_hz, channels)
                         .map_err(|e| DecodeError::Unsupported(e.to_string()))?,
@@ -122,15 +133,23 @@ impl Decode {
         self.pcm.clear();
         match self.format.encoding {
             Encoding::Linear16 => {
-                self.pcm.extend(bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])));
+                self.pcm.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| i16::from_le_bytes([b[0], b[1]])),
+                );
             }
             Encoding::Float32 => self.pcm.extend(bytes.chunks_exact(4).map(|b| {
                 let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 // NaN becomes 0; everything else saturates.
                 (v * 32_767.0) as i16
             })),
-            Encoding::Mulaw => self.pcm.extend(bytes.iter().map(|&b| g711::MULAW[usize::from(b)])),
-            Encoding::Alaw => self.pcm.extend(bytes.iter().map(|&b| g711::ALAW[usize::from(b)])),
+            Encoding::Mulaw => self
+                .pcm
+                .extend(bytes.iter().map(|&b| g711::MULAW[usize::from(b)])),
+            Encoding::Alaw => self
+                .pcm
+                .extend(bytes.iter().map(|&b| g711::ALAW[usize::from(b)])),
             Encoding::Opus => {
                 let decoder = self.opus.as_mut().expect("built with the format");
                 self.pcm.resize(OPUS_MAX_SAMPLES * channels, 0);
@@ -140,7 +159,11 @@ impl Decode {
                 self.pcm.truncate(n * channels);
             }
         }
-        Ok(if channels == 2 { downmix(&self.pcm) } else { self.pcm.clone() })
+        Ok(if channels == 2 {
+            downmix(&self.pcm)
+        } else {
+            self.pcm.clone()
+        })
     }
 }
 
@@ -162,7 +185,9 @@ impl Processor for Decode {
             PayloadData::Base64(text) => {
                 let mut bytes = std::mem::take(&mut self.bytes);
                 bytes.clear();
-                let decoded = BASE64.decode_vec(text, &mut bytes).map_err(DecodeError::from);
+                let decoded = BASE64
+                    .decode_vec(text, &mut bytes)
+                    .map_err(DecodeError::from);
                 let samples = decoded.and_then(|()| self.decode_bytes(&bytes));
                 self.bytes = bytes;
                 samples?

@@ -72,7 +72,11 @@ where
     /// Run until the transcripts end or the session fails.
     pub async fn run(mut self, mut input: EdgeRx<EngineResult>) -> Outcome {
         let metrics = input.metrics().clone();
-        let ready = ServerMessage::Ready { session_id: &self.session_id, config: &self.config }.to_json();
+        let ready = ServerMessage::Ready {
+            session_id: &self.session_id,
+            config: &self.config,
+        }
+        .to_json();
         if self.write(ready).await.is_err() {
             return Outcome::ClientGone;
         }
@@ -137,14 +141,22 @@ where
             sessions::client_warning("audio_dropped");
             let warning = ServerMessage::Warning {
                 code: "audio_dropped",
-                message: format!("{dropped_ms} ms of audio were dropped because the server could not keep up"),
+                message: format!(
+                    "{dropped_ms} ms of audio were dropped because the server could not keep up"
+                ),
                 dropped_ms: Some(dropped_ms),
             };
             self.write(warning.to_json()).await?;
         }
-        let Some(error) = self.session.fatal() else { return Ok(None) };
+        let Some(error) = self.session.fatal() else {
+            return Ok(None);
+        };
         sessions::client_error(error.code);
-        let message = ServerMessage::Error { code: error.code, message: &error.message }.to_json();
+        let message = ServerMessage::Error {
+            code: error.code,
+            message: &error.message,
+        }
+        .to_json();
         self.write(message).await?;
         self.close(error.close_code, error.code).await?;
         Ok(Some(Outcome::Failed))
@@ -172,15 +184,26 @@ where
                 Err(WriteFailed)
             }
             Err(_) => {
-                tracing::warn!(timeout_ms = self.write_timeout.as_millis() as u64, "Client too slow to read; ending the session.");
+                tracing::warn!(
+                    timeout_ms = self.write_timeout.as_millis() as u64,
+                    "Client too slow to read; ending the session."
+                );
                 Err(WriteFailed)
             }
         }
     }
 
     async fn close(&mut self, code: u16, reason: &str) -> Result<(), WriteFailed> {
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() };
-        match timeout(self.write_timeout, self.sink.send(Message::Close(Some(frame)))).await {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_string().into(),
+        };
+        match timeout(
+            self.write_timeout,
+            self.sink.send(Message::Close(Some(frame))),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             _ => Err(WriteFailed),
         }

@@ -53,7 +53,12 @@ impl Ingress {
         session: Arc<SessionShared>,
         metrics: StageMetrics,
     ) -> Ingress {
-        Ingress { format, idle_timeout, session, metrics }
+        Ingress {
+            format,
+            idle_timeout,
+            session,
+            metrics,
+        }
     }
 
     /// Read the socket until `stop`, shutdown, failure or disconnect. `first` is a message the
@@ -104,11 +109,14 @@ impl Ingress {
             let message = match message {
                 Some(Ok(message)) => message,
                 Some(Err(WsError::Capacity(error))) => {
-                    return self.fail(SessionError {
-                        code: "message_too_big",
-                        message: error.to_string(),
-                        close_code: close_code::MESSAGE_TOO_BIG,
-                    }, ErrorKind::Protocol);
+                    return self.fail(
+                        SessionError {
+                            code: "message_too_big",
+                            message: error.to_string(),
+                            close_code: close_code::MESSAGE_TOO_BIG,
+                        },
+                        ErrorKind::Protocol,
+                    );
                 }
                 Some(Err(error)) => {
                     tracing::debug!(%error, "Socket read failed.");
@@ -142,27 +150,39 @@ impl Ingress {
                             Bytes::from(content.into_owned())
                         };
                         let audio_us = self.estimate_us(base64.len() / 4 * 3);
-                        Flow::Data(Payload { data: PayloadData::Base64(base64), audio_us })
+                        Flow::Data(Payload {
+                            data: PayloadData::Base64(base64),
+                            audio_us,
+                        })
                     }
                     Ok(ClientMessage::Finalize) => Flow::Finalize,
                     Ok(ClientMessage::Stop) => return Some(IngressEnd::Stopped),
                     Ok(ClientMessage::KeepAlive) => return None,
                     Ok(ClientMessage::Start(_)) => {
-                        let error = ProtocolError::Violation("start must be the first message of a session".into());
+                        let error = ProtocolError::Violation(
+                            "start must be the first message of a session".into(),
+                        );
                         return Some(self.fail(error.to_session_error(), ErrorKind::Protocol));
                     }
-                    Err(error) => return Some(self.fail(error.to_session_error(), ErrorKind::Protocol)),
+                    Err(error) => {
+                        return Some(self.fail(error.to_session_error(), ErrorKind::Protocol));
+                    }
                 }
             }
             Message::Binary(bytes) => {
                 let audio_us = self.estimate_us(bytes.len());
-                Flow::Data(Payload { data: PayloadData::Binary(bytes), audio_us })
+                Flow::Data(Payload {
+                    data: PayloadData::Binary(bytes),
+                    audio_us,
+                })
             }
             Message::Close(_) => return Some(IngressEnd::ClientGone),
             // tungstenite answers pings itself.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
         };
-        self.metrics.processing.record(started.elapsed().as_secs_f64());
+        self.metrics
+            .processing
+            .record(started.elapsed().as_secs_f64());
         let sent = match flow {
             Flow::Data(payload) => output.send_data(payload).await,
             Flow::Finalize => output.send_finalize().await,

@@ -21,7 +21,11 @@ use rubato::{Fft, FixedSync, Indexing, Resampler as _};
 #[derive(Debug, thiserror::Error)]
 pub enum ResampleError {
     #[error("cannot resample {from_hz} Hz to {to_hz} Hz: {reason}")]
-    Unsupported { from_hz: u32, to_hz: u32, reason: String },
+    Unsupported {
+        from_hz: u32,
+        to_hz: u32,
+        reason: String,
+    },
 }
 
 impl StageError for ResampleError {
@@ -66,8 +70,13 @@ impl Resample {
             None
         } else {
             let chunk = (from_hz / 50) as usize;
-            let resampler = Fft::<f32>::new(from_hz as usize, to_hz as usize, chunk, 1, FixedSync::Both)
-                .map_err(|e| ResampleError::Unsupported { from_hz, to_hz, reason: e.to_string() })?;
+            let resampler =
+                Fft::<f32>::new(from_hz as usize, to_hz as usize, chunk, 1, FixedSync::Both)
+                    .map_err(|e| ResampleError::Unsupported {
+                        from_hz,
+                        to_hz,
+                        reason: e.to_string(),
+                    })?;
             let chunk = resampler.input_frames_next();
             let skip = resampler.output_delay();
             let out = vec![0.0; resampler.output_frames_max()];
@@ -82,7 +91,11 @@ impl Resample {
                 ratio: f64::from(to_hz) / f64::from(from_hz),
             })
         };
-        Ok(Resample { to_hz, converter, position: 0 })
+        Ok(Resample {
+            to_hz,
+            converter,
+            position: 0,
+        })
     }
 
     /// Whether frames pass through unchanged.
@@ -96,11 +109,14 @@ impl Converter {
     /// silence) and append the output, minus the delay still to skip, to `samples`.
     fn run(&mut self, samples: &mut Vec<i16>, partial: bool) {
         let mut offset = 0;
-        while self.pending.len() - offset >= self.chunk || (partial && offset < self.pending.len()) {
+        while self.pending.len() - offset >= self.chunk || (partial && offset < self.pending.len())
+        {
             let available = (self.pending.len() - offset).min(self.chunk);
-            let input = InterleavedSlice::new(&self.pending[offset..], 1, available).expect("sized");
+            let input =
+                InterleavedSlice::new(&self.pending[offset..], 1, available).expect("sized");
             let frames_out = self.out.len();
-            let mut output = InterleavedSlice::new_mut(&mut self.out, 1, frames_out).expect("sized");
+            let mut output =
+                InterleavedSlice::new_mut(&mut self.out, 1, frames_out).expect("sized");
             let indexing = (available < self.chunk).then(|| Indexing::new().partial_len(available));
             let (_, produced) = self
                 .resampler
@@ -132,12 +148,20 @@ impl Processor for Resample {
             out.push(frame);
             return Ok(());
         };
-        converter.pending.extend(frame.samples.iter().map(|&s| f32::from(s) / 32_768.0));
-        let mut samples = Vec::with_capacity((frame.samples.len() as f64 * converter.ratio) as usize + 16);
+        converter
+            .pending
+            .extend(frame.samples.iter().map(|&s| f32::from(s) / 32_768.0));
+        let mut samples =
+            Vec::with_capacity((frame.samples.len() as f64 * converter.ratio) as usize + 16);
         converter.run(&mut samples, false);
         converter.emitted += samples.len() as u64;
         if !samples.is_empty() {
-            let frame = AudioFrame { samples, sample_rate_hz: self.to_hz, start_sample: self.position, speech: frame.speech };
+            let frame = AudioFrame {
+                samples,
+                sample_rate_hz: self.to_hz,
+                start_sample: self.position,
+                speech: frame.speech,
+            };
             self.position = frame.end_sample();
             out.push(frame);
         }
@@ -145,7 +169,9 @@ impl Processor for Resample {
     }
 
     fn flush(&mut self, out: &mut Vec<AudioFrame>) {
-        let Some(converter) = self.converter.as_mut() else { return };
+        let Some(converter) = self.converter.as_mut() else {
+            return;
+        };
         let expected = (converter.taken + converter.pending.len() as u64) as f64 * converter.ratio;
         let expected = expected.round() as u64;
         let mut samples = Vec::new();
@@ -162,7 +188,12 @@ impl Processor for Resample {
         converter.taken = 0;
         converter.emitted = 0;
         if !samples.is_empty() {
-            let frame = AudioFrame { samples, sample_rate_hz: self.to_hz, start_sample: self.position, speech: true };
+            let frame = AudioFrame {
+                samples,
+                sample_rate_hz: self.to_hz,
+                start_sample: self.position,
+                speech: true,
+            };
             self.position = frame.end_sample();
             out.push(frame);
         }

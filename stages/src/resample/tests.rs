@@ -4,7 +4,12 @@ use crate::test_audio::sine;
 fn run(resample: &mut Resample, input: &[i16], chunk: usize) -> Vec<AudioFrame> {
     let mut out = Vec::new();
     for (i, piece) in input.chunks(chunk).enumerate() {
-        let frame = AudioFrame { samples: piece.to_vec(), sample_rate_hz: 0, start_sample: (i * chunk) as u64, speech: true };
+        let frame = AudioFrame {
+            samples: piece.to_vec(),
+            sample_rate_hz: 0,
+            start_sample: (i * chunk) as u64,
+            speech: true,
+        };
         resample.process(frame, &mut out).unwrap();
     }
     resample.flush(&mut out);
@@ -38,7 +43,10 @@ fn every_supported_rate_yields_the_exact_length_and_keeps_the_tone() {
         // Count rising zero crossings in the settled middle: a 1 kHz tone has ~1000 per second.
         let middle = &samples[1_600..14_400];
         let crossings = middle.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
-        assert!((795..=805).contains(&crossings), "{rate} Hz: {crossings} crossings in 0.8 s");
+        assert!(
+            (795..=805).contains(&crossings),
+            "{rate} Hz: {crossings} crossings in 0.8 s"
+        );
     }
 }
 
@@ -48,7 +56,12 @@ fn output_comes_out_while_streaming_not_only_at_flush() {
     let mut resample = Resample::new(48_000, 16_000).unwrap();
     let mut out = Vec::new();
     for piece in input.chunks(960) {
-        let frame = AudioFrame { samples: piece.to_vec(), sample_rate_hz: 48_000, start_sample: 0, speech: true };
+        let frame = AudioFrame {
+            samples: piece.to_vec(),
+            sample_rate_hz: 48_000,
+            start_sample: 0,
+            speech: true,
+        };
         resample.process(frame, &mut out).unwrap();
     }
     let streamed: usize = out.iter().map(|f| f.samples.len()).sum();

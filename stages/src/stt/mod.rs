@@ -15,7 +15,9 @@ use pipeline::edge::{EdgeRx, EdgeTx};
 use pipeline::metrics::ErrorKind;
 use pipeline::processor::on_send_error;
 use pipeline::session::close_code;
-use pipeline::{AudioBatch, EngineInput, EngineResult, Flow, SessionError, SessionShared, SttError, SttStream};
+use pipeline::{
+    AudioBatch, EngineInput, EngineResult, Flow, SessionError, SessionShared, SttError, SttStream,
+};
 use tokio::time::Instant;
 
 /// How an engine error looks to the client.

@@ -17,7 +17,12 @@ pub struct VadConfig {
 
 impl Default for VadConfig {
     fn default() -> Self {
-        VadConfig { enabled: true, threshold: 0.5, hangover_ms: 300, pre_roll_ms: 300 }
+        VadConfig {
+            enabled: true,
+            threshold: 0.5,
+            hangover_ms: 300,
+            pre_roll_ms: 300,
+        }
     }
 }
 

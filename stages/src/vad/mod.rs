@@ -50,7 +50,9 @@ impl Vad {
 
     /// Score the frame's windows; true if any is speech or the hangover is still running.
     fn classify(&mut self, samples: &[i16]) -> bool {
-        let Some(detector) = self.detector.as_mut() else { return true };
+        let Some(detector) = self.detector.as_mut() else {
+            return true;
+        };
         let mut speech = self.hangover_left > 0;
         let mut rest = samples;
         while !rest.is_empty() {
@@ -84,7 +86,11 @@ impl Processor for Vad {
     type Out = AudioFrame;
     type Error = Infallible;
 
-    fn process(&mut self, mut frame: AudioFrame, out: &mut Vec<AudioFrame>) -> Result<(), Infallible> {
+    fn process(
+        &mut self,
+        mut frame: AudioFrame,
+        out: &mut Vec<AudioFrame>,
+    ) -> Result<(), Infallible> {
         frame.speech = self.classify(&frame.samples);
         if !self.gate {
             out.push(frame);
@@ -99,7 +105,9 @@ impl Processor for Vad {
         self.held_samples += frame.samples.len() as u64;
         self.held.push_back(frame);
         while self.held_samples > self.settings.pre_roll_samples {
-            let Some(old) = self.held.pop_front() else { break };
+            let Some(old) = self.held.pop_front() else {
+                break;
+            };
             self.held_samples -= old.samples.len() as u64;
             self.gated.record(old.audio_us() as f64 / 1e6);
         }

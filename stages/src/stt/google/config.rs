@@ -12,6 +12,9 @@ pub struct GoogleConfig {
 
 impl Default for GoogleConfig {
     fn default() -> Self {
-        GoogleConfig { endpoint: "https://speech.googleapis.com".into(), vad_gate: true }
+        GoogleConfig {
+            endpoint: "https://speech.googleapis.com".into(),
+            vad_gate: true,
+        }
     }
 }

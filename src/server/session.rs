@@ -1,0 +1,337 @@
+//! One session: agree the format, build the stage graph, run it, and end it cleanly.
+//!
+//! The first message decides the format: a `start` (merged over the URL's query parameters
+//! and the configured defaults), or audio that then uses those defaults. The graph is built
+//! only once the format is known, so every stage checks its input format before audio flows.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use pipeline::edge::edge;
+use pipeline::metrics::{StageMetrics, sessions};
+use pipeline::processor::run_processor;
+use pipeline::protocol::{
+    self, ClientMessage, EffectiveConfig, ProtocolError, ServerMessage, StartFields,
+};
+use pipeline::session::close_code;
+use pipeline::{AudioFormat, SessionError, SessionShared, StreamConfig, stage};
+use stages::decode::Decode;
+use stages::egress::{Egress, Outcome};
+use stages::ingress::{Ingress, IngressEnd};
+use stages::resample::Resample;
+use stages::vad::Vad;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tracing::Instrument;
+
+use super::Shared;
+
+/// What a session was set up with.
+struct Plan {
+    format: AudioFormat,
+    effective: EffectiveConfig,
+    stream: StreamConfig,
+}
+
+pub(super) async fn run<S>(
+    socket: WebSocketStream<S>,
+    query: StartFields,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let session_id = format!("{:016x}", rand::random::<u64>());
+    let span = tracing::info_span!("session", id = %session_id, %peer);
+    async move {
+        sessions::opened();
+        let reason = serve(socket, session_id, query, &shared).await;
+        tracing::info!(reason, "Session ended.");
+        sessions::closed(reason);
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn serve<S>(
+    mut socket: WebSocketStream<S>,
+    session_id: String,
+    query: StartFields,
+    shared: &Shared,
+) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = &shared.settings;
+    // The first message, bounded like any other wait for the client.
+    let first = tokio::select! {
+        first = tokio::time::timeout(settings.idle_timeout, socket.next()) => first,
+        () = shared.draining.cancelled() => {
+            refuse(&mut socket, &shutting_down()).await;
+            return "shutdown";
+        }
+    };
+    let first = match first {
+        Ok(Some(Ok(message))) => message,
+        Ok(Some(Err(_)) | None) => return "client_gone",
+        Err(_) => {
+            let error = SessionError {
+                code: "idle_timeout",
+                message: "no message after connecting".into(),
+                close_code: close_code::POLICY_VIOLATION,
+            };
+            refuse(&mut socket, &error).await;
+            return "error";
+        }
+    };
+    let (fields, replay) = match &first {
+        Message::Text(text) => match protocol::parse(text) {
+            Ok(ClientMessage::Start(fields)) => (Some(*fields), None),
+            Ok(_) => (None, Some(first)),
+            Err(error) => {
+                refuse(&mut socket, &error.to_session_error()).await;
+                return "error";
+            }
+        },
+        Message::Binary(_) => (None, Some(first)),
+        Message::Close(_) => return "client_gone",
+        _ => (None, None),
+    };
+    if fields.is_none() && settings.session.require_start && replay.is_some() {
+        let error = ProtocolError::Violation(
+            "send a start message before audio (this server requires one)".into(),
+        );
+        refuse(&mut socket, &error.to_session_error()).await;
+        return "error";
+    }
+    let plan = match plan(&session_id, query, fields.unwrap_or_default(), shared) {
+        Ok(plan) => plan,
+        Err(error) => {
+            refuse(&mut socket, &error).await;
+            return "error";
+        }
+    };
+    let stream = match shared.engine.open(plan.stream.clone()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            sessions::refused("engine");
+            refuse(&mut socket, &stages::stt::session_error(&error)).await;
+            return "refused";
+        }
+    };
+
+    // Build the graph: ingress → decode → resample → vad → batch → stt → egress.
+    let session = Arc::new(SessionShared::new());
+    let metrics = stage::ALL.map(StageMetrics::new);
+    let [
+        m_ingress,
+        m_decode,
+        m_resample,
+        m_vad,
+        m_batch,
+        m_stt,
+        m_egress,
+    ] = &metrics;
+    let edges = &settings.edges;
+    let (to_decode, decode_in) = edge(edges.decode, m_ingress, m_decode, &session);
+    let (to_resample, resample_in) = edge(edges.resample, m_decode, m_resample, &session);
+    let (to_vad, vad_in) = edge(edges.vad, m_resample, m_vad, &session);
+    let (to_batch, batch_in) = edge(edges.batch, m_vad, m_batch, &session);
+    let (to_stt, stt_in) = edge(edges.stt, m_batch, m_stt, &session);
+    let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
+
+    let rate = settings.stt.sample_rate_hz;
+    let (decode, resample) = match (
+        Decode::new(plan.format),
+        Resample::new(plan.format.sample_rate_hz, rate),
+    ) {
+        (Ok(decode), Ok(resample)) => (decode, resample),
+        (Err(error), _) => {
+            refuse(
+                &mut socket,
+                &pipeline::processor::StageError::to_session_error(&error),
+            )
+            .await;
+            return "error";
+        }
+        (_, Err(error)) => {
+            refuse(
+                &mut socket,
+                &pipeline::processor::StageError::to_session_error(&error),
+            )
+            .await;
+            return "error";
+        }
+    };
+    let vad = Vad::new(settings.vad, shared.engine.vad_gate());
+    let span = tracing::Span::current();
+    tokio::spawn(
+        run_processor(decode, decode_in, to_resample, Arc::clone(&session))
+            .instrument(span.clone()),
+    );
+    tokio::spawn(
+        run_processor(resample, resample_in, to_vad, Arc::clone(&session)).instrument(span.clone()),
+    );
+    tokio::spawn(
+        run_processor(vad, vad_in, to_batch, Arc::clone(&session)).instrument(span.clone()),
+    );
+    tokio::spawn(
+        stages::batch::run(settings.batch, batch_in, to_stt, Arc::clone(&session))
+            .instrument(span.clone()),
+    );
+    tokio::spawn(
+        stages::stt::run(stream, stt_in, to_egress, Arc::clone(&session)).instrument(span.clone()),
+    );
+
+    let (sink, source) = socket.split();
+    let egress = Egress::new(
+        sink,
+        session_id,
+        plan.effective,
+        settings.write_timeout,
+        Arc::clone(&session),
+    );
+    let mut egress = tokio::spawn(egress.run(egress_in).instrument(span));
+    let ingress = Ingress::new(
+        plan.format,
+        settings.idle_timeout,
+        Arc::clone(&session),
+        m_ingress.clone(),
+    );
+    let ended = tokio::select! {
+        end = ingress.run(source, replay, to_decode, shared.draining.cancelled()) => end,
+        outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), &session),
+    };
+    if ended == IngressEnd::ClientGone {
+        egress.abort();
+        return "client_gone";
+    }
+    // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.
+    let outcome = egress.await.unwrap_or(Outcome::ClientGone);
+    reason(outcome, &session)
+}
+
+fn reason(outcome: Outcome, session: &SessionShared) -> &'static str {
+    match outcome {
+        Outcome::Completed if session.going_away() => "shutdown",
+        Outcome::Completed => "normal",
+        Outcome::Failed => "error",
+        Outcome::ClientGone => "client_gone",
+    }
+}
+
+/// Merge `start` over the query over the defaults, and check it.
+fn plan(
+    session_id: &str,
+    query: StartFields,
+    start: StartFields,
+    shared: &Shared,
+) -> Result<Plan, SessionError> {
+    let defaults = &shared.settings.session;
+    let stt = &shared.settings.stt;
+    let pick = |a: Option<String>, b: Option<String>| a.or(b);
+    let encoding = match pick(start.encoding, query.encoding) {
+        Some(name) => protocol::parse_encoding(&name).map_err(|e| e.to_session_error())?,
+        None => defaults.encoding,
+    };
+    let format = AudioFormat {
+        encoding,
+        sample_rate_hz: start
+            .sample_rate_hertz
+            .or(query.sample_rate_hertz)
+            .unwrap_or(defaults.sample_rate_hertz),
+        channels: start
+            .audio_channel_count
+            .or(query.audio_channel_count)
+            .unwrap_or(defaults.audio_channel_count),
+    };
+    if !format.encoding.supports_rate(format.sample_rate_hz) || !(1..=2).contains(&format.channels)
+    {
+        return Err(ProtocolError::Unsupported(format!(
+            "{} at {} Hz with {} channel(s) is not supported",
+            format.encoding.as_str(),
+            format.sample_rate_hz,
+            format.channels
+        ))
+        .to_session_error());
+    }
+    let language_code =
+        pick(start.language_code, query.language_code).unwrap_or_else(|| stt.language_code.clone());
+    let interim_results = start
+        .interim_results
+        .or(query.interim_results)
+        .unwrap_or(stt.interim_results);
+    let audio_id = pick(start.audio_id, query.audio_id).unwrap_or_else(|| session_id.to_string());
+    let stream = StreamConfig {
+        sample_rate_hz: stt.sample_rate_hz,
+        language_code: language_code.clone(),
+        alternative_language_codes: start
+            .alternative_language_codes
+            .or(query.alternative_language_codes)
+            .unwrap_or_default(),
+        model: pick(start.model, query.model),
+        interim_results,
+        punctuation: start
+            .enable_automatic_punctuation
+            .or(query.enable_automatic_punctuation)
+            .unwrap_or(true),
+        profanity_filter: start
+            .profanity_filter
+            .or(query.profanity_filter)
+            .unwrap_or(false),
+        word_time_offsets: start
+            .enable_word_time_offsets
+            .or(query.enable_word_time_offsets)
+            .unwrap_or(false),
+        phrase_hints: start
+            .phrase_hints
+            .or(query.phrase_hints)
+            .unwrap_or_default(),
+    };
+    let effective = EffectiveConfig {
+        audio_id,
+        encoding,
+        sample_rate_hertz: format.sample_rate_hz,
+        audio_channel_count: format.channels,
+        language_code,
+        interim_results,
+        engine: shared.engine.name(),
+        engine_sample_rate_hertz: stt.sample_rate_hz,
+    };
+    Ok(Plan {
+        format,
+        effective,
+        stream,
+    })
+}
+
+fn shutting_down() -> SessionError {
+    SessionError {
+        code: "shutting_down",
+        message: "the server is shutting down; reconnect".into(),
+        close_code: close_code::GOING_AWAY,
+    }
+}
+
+/// Tell the client why the session cannot start, and close.
+async fn refuse<S>(socket: &mut WebSocketStream<S>, error: &SessionError)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    sessions::client_error(error.code);
+    tracing::info!(code = error.code, message = %error.message, "Session refused.");
+    let message = ServerMessage::Error {
+        code: error.code,
+        message: &error.message,
+    }
+    .to_json();
+    let frame = CloseFrame {
+        code: error.close_code.into(),
+        reason: error.code.into(),
+    };
+    let _ = socket.send(Message::text(message)).await;
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
