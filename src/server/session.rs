@@ -87,10 +87,17 @@ where
             return "error";
         }
     };
+    let mut first_audio_id = None;
     let (fields, replay) = match &first {
         Message::Text(text) => match protocol::parse(text) {
             Ok(ClientMessage::Start(fields)) => (Some(*fields), None),
-            Ok(_) => (None, Some(first)),
+            Ok(message) => {
+                // The tutorial's clients name their stream in every audio message, never in a start.
+                if let ClientMessage::Audio { audio_id: Some(id), .. } = message {
+                    first_audio_id = Some(id.into_owned());
+                }
+                (None, Some(first))
+            }
             Err(error) => {
                 refuse(&mut socket, &error.to_session_error()).await;
                 return "error";
@@ -107,7 +114,9 @@ where
         refuse(&mut socket, &error.to_session_error()).await;
         return "error";
     }
-    let plan = match plan(&session_id, query, fields.unwrap_or_default(), shared) {
+    let mut fields = fields.unwrap_or_default();
+    fields.audio_id = fields.audio_id.or(first_audio_id);
+    let plan = match plan(&session_id, query, fields, shared) {
         Ok(plan) => plan,
         Err(error) => {
             refuse(&mut socket, &error).await;
