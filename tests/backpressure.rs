@@ -17,7 +17,11 @@ const FRAME: usize = 320;
 
 fn policy_config(overflow: OverflowPolicy) -> voxflow::Config {
     let mut config = test_config();
-    config.edges.decode = EdgeConfig { capacity: 2, send_timeout_ms: 10, overflow };
+    config.edges.decode = EdgeConfig {
+        capacity: 2,
+        send_timeout_ms: 10,
+        overflow,
+    };
     config
 }
 
@@ -40,13 +44,19 @@ async fn block_stalls_the_clients_socket_and_loses_nothing() {
     let mut blocked = false;
     while accepted < 20_000 {
         let send = client.ws.send(Message::binary(le_bytes(&[7; FRAME])));
-        if tokio::time::timeout(Duration::from_millis(500), send).await.is_err() {
+        if tokio::time::timeout(Duration::from_millis(500), send)
+            .await
+            .is_err()
+        {
             blocked = true;
             break;
         }
         accepted += 1;
     }
-    assert!(blocked, "the client should be blocked by TCP backpressure, sent {accepted} frames");
+    assert!(
+        blocked,
+        "the client should be blocked by TCP backpressure, sent {accepted} frames"
+    );
     // While blocked, the server holds only what its bounded queues and buffers allow.
     let metrics = server.metrics().await;
     let queued: f64 = metrics
@@ -54,7 +64,10 @@ async fn block_stalls_the_clients_socket_and_loses_nothing() {
         .filter(|l| l.starts_with("voxflow_stage_queue_depth_items"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
-    assert!(queued <= 40.0, "queued items {queued} exceed the configured capacities");
+    assert!(
+        queued <= 40.0,
+        "queued items {queued} exceed the configured capacities"
+    );
     stall.resume();
     client.send_json(json!({"type": "stop"})).await;
     let result = client.collect().await;
@@ -86,23 +99,37 @@ async fn drop_policy_accounts_for_every_frame(policy: OverflowPolicy, reason: &s
     let dropped_ms = result.dropped_ms();
     let delivered = result.final_samples();
     assert!(dropped_ms > 0, "a stalled engine with {reason} must drop");
-    assert_eq!(delivered + dropped_ms * 16, frames * FRAME as u64, "every frame is delivered or reported");
+    assert_eq!(
+        delivered + dropped_ms * 16,
+        frames * FRAME as u64,
+        "every frame is delivered or reported"
+    );
     assert!(!result.of_type("warning").is_empty());
     assert_eq!(result.of_type("warning")[0]["code"], "audio_dropped");
     let metrics = server.metrics().await;
-    let counted = counter(&metrics, "voxflow_stage_items_dropped_total", &["stage=\"ingress\"", reason]);
-    assert_eq!(counted, dropped_ms / 20, "the drop counter matches the client's warnings");
+    let counted = counter(
+        &metrics,
+        "voxflow_stage_items_dropped_total",
+        &["stage=\"ingress\"", reason],
+    );
+    assert_eq!(
+        counted,
+        dropped_ms / 20,
+        "the drop counter matches the client's warnings"
+    );
     assert_eq!(result.close_code(), Some(1000));
 }
 
 #[tokio::test]
 async fn drop_newest_counts_and_reports_every_lost_frame() {
-    drop_policy_accounts_for_every_frame(OverflowPolicy::DropNewest, "reason=\"overflow_newest\"").await;
+    drop_policy_accounts_for_every_frame(OverflowPolicy::DropNewest, "reason=\"overflow_newest\"")
+        .await;
 }
 
 #[tokio::test]
 async fn drop_oldest_counts_and_reports_every_lost_frame() {
-    drop_policy_accounts_for_every_frame(OverflowPolicy::DropOldest, "reason=\"overflow_oldest\"").await;
+    drop_policy_accounts_for_every_frame(OverflowPolicy::DropOldest, "reason=\"overflow_oldest\"")
+        .await;
 }
 
 #[tokio::test]
@@ -112,12 +139,21 @@ async fn close_policy_ends_the_session_with_1013() {
     let server = TestServer::start(policy_config(OverflowPolicy::Close), Arc::new(engine)).await;
     let mut client = server.connect("").await;
     for _ in 0..300 {
-        if client.ws.send(Message::binary(le_bytes(&[1; FRAME]))).await.is_err() {
+        if client
+            .ws
+            .send(Message::binary(le_bytes(&[1; FRAME])))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     let result = client.collect().await;
     assert_eq!(result.error_code(), Some("overloaded"));
     assert_eq!(result.close_code(), Some(1013));
-    assert_eq!(result.dropped_ms(), 0, "close loses the session, not frames silently");
+    assert_eq!(
+        result.dropped_ms(),
+        0,
+        "close loses the session, not frames silently"
+    );
 }

@@ -32,14 +32,31 @@ async fn each_kind_of_bad_message_gets_its_code() {
         // Three bytes: not a whole number of 16-bit samples.
         (r#"{"content":"AAEC"}"#, "invalid_audio", 1007),
         (r#"{"type":"dance"}"#, "unknown_type", 1008),
-        (r#"{"type":"audio","content":"AAAA","sample_rate":1}"#, "invalid_message", 1008),
-        (r#"{"type":"start","encoding":"LINEAR16"}"#, "protocol_error", 1008),
+        (
+            r#"{"type":"audio","content":"AAAA","sample_rate":1}"#,
+            "invalid_message",
+            1008,
+        ),
+        (
+            r#"{"type":"start","encoding":"LINEAR16"}"#,
+            "protocol_error",
+            1008,
+        ),
     ];
     for (text, code, close) in cases {
         let result = answer_to(&server, text).await;
-        assert_eq!(result.error_code(), Some(code), "{text}: {:?}", result.messages);
+        assert_eq!(
+            result.error_code(),
+            Some(code),
+            "{text}: {:?}",
+            result.messages
+        );
         assert_eq!(result.close_code(), Some(close), "{text}");
-        assert_eq!(result.of_type("error").len(), 1, "{text}: exactly one error");
+        assert_eq!(
+            result.of_type("error").len(),
+            1,
+            "{text}: exactly one error"
+        );
     }
 }
 
@@ -59,7 +76,9 @@ async fn unsupported_formats_are_refused_before_audio_flows() {
         assert!(result.of_type("ready").is_empty());
     }
     // An unknown query parameter is refused at the HTTP upgrade.
-    let error = tokio_tungstenite::connect_async(server.url("sample_rate=16000")).await.unwrap_err();
+    let error = tokio_tungstenite::connect_async(server.url("sample_rate=16000"))
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("400"), "{error}");
 }
 
@@ -95,14 +114,24 @@ async fn an_engine_error_reaches_the_client_once() {
     let server = TestServer::start(test_config(), Arc::new(engine)).await;
     let mut client = server.connect("").await;
     for _ in 0..50 {
-        if client.ws.send(Message::binary(le_bytes(&[0; 320]))).await.is_err() {
+        if client
+            .ws
+            .send(Message::binary(le_bytes(&[0; 320])))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     let result = client.collect().await;
     assert_eq!(result.of_type("error").len(), 1, "{:?}", result.messages);
     assert_eq!(result.error_code(), Some("engine_error"));
-    assert!(result.of_type("error")[0]["message"].as_str().unwrap().contains("INVALID_ARGUMENT"));
+    assert!(
+        result.of_type("error")[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("INVALID_ARGUMENT")
+    );
     assert_eq!(result.close_code(), Some(1011));
 }
 
@@ -123,7 +152,9 @@ async fn abrupt_disconnects_and_garbage_leave_other_sessions_untouched() {
             let _ = answer_to(&server, "{not json").await;
             let mut half = tokio::net::TcpStream::connect(server.addr).await.unwrap();
             use tokio::io::AsyncWriteExt;
-            half.write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+            half.write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
             drop(half);
         }
     }
@@ -132,5 +163,8 @@ async fn abrupt_disconnects_and_garbage_leave_other_sessions_untouched() {
     assert_eq!(result.final_samples(), sent);
     assert_eq!(result.close_code(), Some(1000));
     let metrics = server.metrics().await;
-    assert!(metrics.contains("voxflow_client_errors_total{code=\"invalid_json\"}"), "errors are counted");
+    assert!(
+        metrics.contains("voxflow_client_errors_total{code=\"invalid_json\"}"),
+        "errors are counted"
+    );
 }

@@ -29,11 +29,18 @@ async fn tutorial_json_base64_form_delivers_every_sample_in_order() {
     let ready = &result.messages[0];
     assert_eq!(ready["type"], "ready");
     assert_eq!(ready["config"]["encoding"], "LINEAR16");
-    assert_eq!(ready["config"]["audio_id"], "tutorial-1", "the first audio message names the stream");
+    assert_eq!(
+        ready["config"]["audio_id"], "tutorial-1",
+        "the first audio message names the stream"
+    );
     let finals = result.finals();
     assert_eq!(finals.len(), 1);
     let (samples, sum) = parse_counts(finals[0]["transcript"].as_str().unwrap()).unwrap();
-    assert_eq!(samples, speech.len() as u64, "every sample reaches the engine");
+    assert_eq!(
+        samples,
+        speech.len() as u64,
+        "every sample reaches the engine"
+    );
     assert_eq!(sum, checksum(&speech), "byte-exact passthrough at 16 kHz");
     assert_eq!(finals[0]["end_ms"], speech.len() as u64 / 16);
     assert_eq!(result.of_type("closed").len(), 1);
@@ -60,19 +67,30 @@ async fn binary_linear16_with_start() {
     let transcripts = result.of_type("transcript");
     assert!(transcripts.len() > 5, "interim results expected");
     assert!(transcripts.iter().all(|m| m["audio_id"] == "bin"));
-    let ends: Vec<u64> = transcripts.iter().map(|m| m["end_ms"].as_u64().unwrap()).collect();
-    assert!(ends.windows(2).all(|w| w[0] <= w[1]), "results in order: {ends:?}");
+    let ends: Vec<u64> = transcripts
+        .iter()
+        .map(|m| m["end_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        ends.windows(2).all(|w| w[0] <= w[1]),
+        "results in order: {ends:?}"
+    );
 }
 
 #[tokio::test]
 async fn opus_packets_are_decoded() {
     let server = server().await;
     let speech = speech_16k();
-    let mut encoder = opus::Encoder::new(16_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
-    let mut client = server.connect("encoding=OPUS&sample_rate_hertz=16000").await;
+    let mut encoder =
+        opus::Encoder::new(16_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+    let mut client = server
+        .connect("encoding=OPUS&sample_rate_hertz=16000")
+        .await;
     let frames: Vec<&[i16]> = speech.chunks_exact(320).collect();
     for frame in &frames {
-        client.send_binary(encoder.encode_vec(frame, 4_000).unwrap()).await;
+        client
+            .send_binary(encoder.encode_vec(frame, 4_000).unwrap())
+            .await;
     }
     client.send_json(json!({"type": "stop"})).await;
     let result = client.collect().await;
@@ -84,12 +102,17 @@ async fn opus_packets_are_decoded() {
 async fn opus_at_48k_is_decoded_and_resampled() {
     let server = server().await;
     let speech = speech_at(48_000);
-    let mut encoder = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+    let mut encoder =
+        opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
     let mut client = server.connect("").await;
-    client.send_json(json!({"type": "start", "encoding": "OPUS", "sample_rate_hertz": 48000})).await;
+    client
+        .send_json(json!({"type": "start", "encoding": "OPUS", "sample_rate_hertz": 48000}))
+        .await;
     let frames: Vec<&[i16]> = speech.chunks_exact(960).collect();
     for frame in &frames {
-        client.send_binary(encoder.encode_vec(frame, 4_000).unwrap()).await;
+        client
+            .send_binary(encoder.encode_vec(frame, 4_000).unwrap())
+            .await;
     }
     client.send_json(json!({"type": "stop"})).await;
     let result = client.collect().await;
@@ -110,13 +133,19 @@ async fn mulaw_at_8k_is_expanded_and_resampled() {
     assert!(status.success());
     let bytes = std::fs::read(&raw).unwrap();
     std::fs::remove_file(&raw).unwrap();
-    let mut client = server.connect("encoding=MULAW&sample_rate_hertz=8000").await;
+    let mut client = server
+        .connect("encoding=MULAW&sample_rate_hertz=8000")
+        .await;
     for chunk in bytes.chunks(160) {
         client.send_binary(chunk.to_vec()).await;
     }
     client.send_json(json!({"type": "stop"})).await;
     let result = client.collect().await;
-    assert_eq!(result.final_samples(), bytes.len() as u64 * 2, "8 kHz in, exactly twice the samples at 16 kHz");
+    assert_eq!(
+        result.final_samples(),
+        bytes.len() as u64 * 2,
+        "8 kHz in, exactly twice the samples at 16 kHz"
+    );
 }
 
 #[tokio::test]
@@ -141,7 +170,10 @@ async fn float32_from_a_browser() {
     let speech = speech_16k();
     let mut client = server.connect("encoding=FLOAT32").await;
     for chunk in speech.chunks(2048) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|&s| (f32::from(s) / 32_768.0).to_le_bytes()).collect();
+        let bytes: Vec<u8> = chunk
+            .iter()
+            .flat_map(|&s| (f32::from(s) / 32_768.0).to_le_bytes())
+            .collect();
         client.send_binary(bytes).await;
     }
     client.send_json(json!({"type": "stop"})).await;
@@ -166,8 +198,10 @@ async fn finalize_splits_finals_exactly_where_it_was_sent() {
     let result = client.collect().await;
     let finals = result.finals();
     assert_eq!(finals.len(), 2);
-    let counts: Vec<(u64, u64)> =
-        finals.iter().map(|m| parse_counts(m["transcript"].as_str().unwrap()).unwrap()).collect();
+    let counts: Vec<(u64, u64)> = finals
+        .iter()
+        .map(|m| parse_counts(m["transcript"].as_str().unwrap()).unwrap())
+        .collect();
     assert_eq!(counts[0], (first.len() as u64, checksum(first)));
     assert_eq!(counts[1], (second.len() as u64, checksum(second)));
     assert_eq!(finals[0]["end_ms"], 2_000);

@@ -33,9 +33,17 @@ async fn shutdown_delivers_the_last_finals_then_closes_1001() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.shutdown();
     let result = client.collect().await;
-    assert_eq!(result.final_samples(), second.len() as u64, "audio in flight at shutdown is transcribed");
+    assert_eq!(
+        result.final_samples(),
+        second.len() as u64,
+        "audio in flight at shutdown is transcribed"
+    );
     assert_eq!(result.of_type("closed")[0]["reason"], "shutdown");
     assert_eq!(result.close_code(), Some(1001));
     // The server returns within its grace period, and refuses nobody silently meanwhile.
-    tokio::time::timeout(Duration::from_secs(6), &mut server.task).await.expect("drained in time").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(6), &mut server.task)
+        .await
+        .expect("drained in time")
+        .unwrap()
+        .unwrap();
 }

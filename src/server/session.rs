@@ -93,7 +93,10 @@ where
             Ok(ClientMessage::Start(fields)) => (Some(*fields), None),
             Ok(message) => {
                 // The tutorial's clients name their stream in every audio message, never in a start.
-                if let ClientMessage::Audio { audio_id: Some(id), .. } = message {
+                if let ClientMessage::Audio {
+                    audio_id: Some(id), ..
+                } = message
+                {
                     first_audio_id = Some(id.into_owned());
                 }
                 (None, Some(first))

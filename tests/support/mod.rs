@@ -40,7 +40,12 @@ impl TestServer {
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        TestServer { addr, metrics_addr, shutdown: Some(tx), task }
+        TestServer {
+            addr,
+            metrics_addr,
+            shutdown: Some(tx),
+            task,
+        }
     }
 
     pub fn url(&self, query: &str) -> String {
@@ -52,7 +57,9 @@ impl TestServer {
     }
 
     pub async fn connect(&self, query: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(self.url(query)).await.expect("connects");
+        let (ws, _) = tokio_tungstenite::connect_async(self.url(query))
+            .await
+            .expect("connects");
         Client { ws }
     }
 
@@ -77,7 +84,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -98,19 +108,29 @@ impl Transcript {
     }
 
     pub fn finals(&self) -> Vec<&Value> {
-        self.of_type("transcript").into_iter().filter(|m| m["is_final"] == true).collect()
+        self.of_type("transcript")
+            .into_iter()
+            .filter(|m| m["is_final"] == true)
+            .collect()
     }
 
     /// Samples the counting engine saw, summed over finals.
     pub fn final_samples(&self) -> u64 {
         self.finals()
             .iter()
-            .map(|m| pipeline::testing::parse_counts(m["transcript"].as_str().unwrap()).unwrap().0)
+            .map(|m| {
+                pipeline::testing::parse_counts(m["transcript"].as_str().unwrap())
+                    .unwrap()
+                    .0
+            })
             .sum()
     }
 
     pub fn dropped_ms(&self) -> u64 {
-        self.of_type("warning").iter().filter_map(|m| m["dropped_ms"].as_u64()).sum()
+        self.of_type("warning")
+            .iter()
+            .filter_map(|m| m["dropped_ms"].as_u64())
+            .sum()
     }
 
     pub fn close_code(&self) -> Option<u16> {
@@ -118,17 +138,25 @@ impl Transcript {
     }
 
     pub fn error_code(&self) -> Option<&str> {
-        self.of_type("error").first().and_then(|m| m["code"].as_str())
+        self.of_type("error")
+            .first()
+            .and_then(|m| m["code"].as_str())
     }
 }
 
 impl Client {
     pub async fn send_json(&mut self, value: Value) {
-        self.ws.send(Message::text(value.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(value.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(text.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_binary(&mut self, bytes: Vec<u8>) {
@@ -138,15 +166,20 @@ impl Client {
     /// The tutorial's form: `{"audio_id":…,"content":base64}`.
     pub async fn send_tutorial(&mut self, audio_id: &str, bytes: &[u8]) {
         let content = base64::engine::general_purpose::STANDARD.encode(bytes);
-        self.send_json(serde_json::json!({ "audio_id": audio_id, "content": content })).await;
+        self.send_json(serde_json::json!({ "audio_id": audio_id, "content": content }))
+            .await;
     }
 
     /// The next JSON message, skipping nothing; `None` at close.
     pub async fn next(&mut self) -> Option<Value> {
         loop {
-            let message = tokio::time::timeout(WAIT, self.ws.next()).await.expect("server answers in time")?;
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("server answers in time")?;
             match message.ok()? {
-                Message::Text(text) => return Some(serde_json::from_str(&text).expect("server sends JSON")),
+                Message::Text(text) => {
+                    return Some(serde_json::from_str(&text).expect("server sends JSON"));
+                }
                 Message::Close(_) => return None,
                 _ => {}
             }
@@ -157,14 +190,20 @@ impl Client {
     pub async fn collect(mut self) -> Transcript {
         let mut transcript = Transcript::default();
         loop {
-            let message = match tokio::time::timeout(WAIT, self.ws.next()).await.expect("server closes in time") {
+            let message = match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("server closes in time")
+            {
                 Some(Ok(message)) => message,
                 _ => return transcript,
             };
             match message {
-                Message::Text(text) => transcript.messages.push(serde_json::from_str(&text).expect("JSON")),
+                Message::Text(text) => transcript
+                    .messages
+                    .push(serde_json::from_str(&text).expect("JSON")),
                 Message::Close(frame) => {
-                    transcript.close = frame.map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()));
+                    transcript.close = frame
+                        .map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()));
                     // Drain until the server ends the TCP stream.
                     while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
                     return transcript;
@@ -181,7 +220,9 @@ pub fn le_bytes(samples: &[i16]) -> Vec<u8> {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The committed espeak-ng speech at 16 kHz.
@@ -190,13 +231,15 @@ pub fn speech_16k() -> Vec<i16> {
 }
 
 pub fn read_wav(path: &std::path::Path) -> Vec<i16> {
-    let mut reader = hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader =
+        hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     reader.samples::<i16>().map(Result::unwrap).collect()
 }
 
 /// The speech fixture converted with sox to `rate` Hz (real resampling by a third party).
 pub fn speech_at(rate: u32) -> Vec<i16> {
-    let out = std::env::temp_dir().join(format!("voxflow-speech-{rate}-{}.wav", std::process::id()));
+    let out =
+        std::env::temp_dir().join(format!("voxflow-speech-{rate}-{}.wav", std::process::id()));
     let status = Command::new("sox")
         .arg(fixture("speech-16k.wav"))
         .args(["-r", &rate.to_string(), "-b", "16"])
