@@ -1,1 +1,192 @@
-fn main() {}
+//! Per-stage throughput, in 20 ms frames per second (one real-time stream is 50 frames/s).
+//!
+//! `cargo bench --bench stages`; each group reports elements = frames.
+
+use std::hint::black_box;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use pipeline::audio::PayloadData;
+use pipeline::{AudioFormat, AudioFrame, Encoding, Payload, Processor};
+use stages::batch::Builder;
+use stages::decode::Decode;
+use stages::resample::Resample;
+use stages::vad::{Vad, VadConfig};
+
+const FRAMES: usize = 250; // 5 s of audio per iteration
+
+fn speech_16k() -> Vec<i16> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech-16k.wav");
+    hound::WavReader::open(path).unwrap().samples::<i16>().map(Result::unwrap).collect()
+}
+
+/// `FRAMES` frames of speech at `rate` (naively decimated or repeated: content does not
+/// matter for decode cost, only size).
+fn frames_at(rate: u32) -> Vec<Vec<i16>> {
+    let speech = speech_16k();
+    let per_frame = rate as usize / 50;
+    (0..FRAMES)
+        .map(|f| (0..per_frame).map(|i| speech[(f * per_frame + i) * 16_000 / rate as usize % speech.len()]).collect())
+        .collect()
+}
+
+fn payloads(encoding: Encoding, rate: u32) -> Vec<Payload> {
+    let binary = |bytes: Vec<u8>| Payload { data: PayloadData::Binary(Bytes::from(bytes)), audio_us: 20_000 };
+    let frames = frames_at(rate);
+    match encoding {
+        Encoding::Linear16 => frames.iter().map(|f| binary(f.iter().flat_map(|s| s.to_le_bytes()).collect())).collect(),
+        Encoding::Float32 => frames
+            .iter()
+            .map(|f| binary(f.iter().flat_map(|&s| (f32::from(s) / 32_768.0).to_le_bytes()).collect()))
+            .collect(),
+        Encoding::Mulaw | Encoding::Alaw => frames.iter().map(|f| binary(f.iter().map(|&s| (s >> 8) as u8).collect())).collect(),
+        Encoding::Opus => {
+            let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip).unwrap();
+            frames.iter().map(|f| binary(encoder.encode_vec(f, 4_000).unwrap())).collect()
+        }
+    }
+}
+
+fn decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(FRAMES as u64));
+    for (encoding, rate) in [
+        (Encoding::Linear16, 16_000),
+        (Encoding::Float32, 48_000),
+        (Encoding::Mulaw, 8_000),
+        (Encoding::Alaw, 8_000),
+        (Encoding::Opus, 16_000),
+        (Encoding::Opus, 48_000),
+    ] {
+        let input = payloads(encoding, rate);
+        let format = AudioFormat { encoding, sample_rate_hz: rate, channels: 1 };
+        group.bench_with_input(BenchmarkId::new(encoding.as_str(), rate), &input, |b, input| {
+            b.iter_batched(
+                || (Decode::new(format).unwrap(), input.clone()),
+                |(mut decode, input)| {
+                    let mut out = Vec::with_capacity(1);
+                    for payload in input {
+                        decode.process(payload, &mut out).unwrap();
+                        black_box(out.pop());
+                    }
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    // The tutorial's form: the base64 inside the JSON, after ingress has sliced it out.
+    let input: Vec<Payload> = payloads(Encoding::Linear16, 16_000)
+        .into_iter()
+        .map(|p| match p.data {
+            PayloadData::Binary(bytes) => Payload {
+                data: PayloadData::Base64(Bytes::from(base64::engine::general_purpose::STANDARD.encode(bytes))),
+                audio_us: 20_000,
+            },
+            PayloadData::Base64(_) => unreachable!(),
+        })
+        .collect();
+    let format = AudioFormat { encoding: Encoding::Linear16, sample_rate_hz: 16_000, channels: 1 };
+    group.bench_function("LINEAR16-base64/16000", |b| {
+        b.iter_batched(
+            || (Decode::new(format).unwrap(), input.clone()),
+            |(mut decode, input)| {
+                let mut out = Vec::with_capacity(1);
+                for payload in input {
+                    decode.process(payload, &mut out).unwrap();
+                    black_box(out.pop());
+                }
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn parse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ingress");
+    group.throughput(Throughput::Elements(FRAMES as u64));
+    let messages: Vec<String> = frames_at(16_000)
+        .iter()
+        .map(|f| {
+            let bytes: Vec<u8> = f.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let content = base64::engine::general_purpose::STANDARD.encode(bytes);
+            format!(r#"{{"audio_id":"bench-session","content":"{content}"}}"#)
+        })
+        .collect();
+    group.bench_function("parse-json/tutorial", |b| {
+        b.iter(|| {
+            for message in &messages {
+                black_box(pipeline::protocol::parse(message).unwrap());
+            }
+        })
+    });
+    group.finish();
+}
+
+fn resample(c: &mut Criterion) {
+    let mut group = c.benchmark_group("resample");
+    group.throughput(Throughput::Elements(FRAMES as u64));
+    for rate in [16_000u32, 8_000, 44_100, 48_000] {
+        let frames: Vec<AudioFrame> = frames_at(rate)
+            .into_iter()
+            .map(|samples| AudioFrame { samples, sample_rate_hz: rate, start_sample: 0, speech: true })
+            .collect();
+        group.bench_with_input(BenchmarkId::new("to-16000", rate), &frames, |b, frames| {
+            b.iter_batched(
+                || (Resample::new(rate, 16_000).unwrap(), frames.clone()),
+                |(mut resample, frames)| {
+                    let mut out = Vec::with_capacity(2);
+                    for frame in frames {
+                        resample.process(frame, &mut out).unwrap();
+                        out.clear();
+                    }
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn vad_and_batch(c: &mut Criterion) {
+    let frames: Vec<AudioFrame> = frames_at(16_000)
+        .into_iter()
+        .enumerate()
+        .map(|(i, samples)| AudioFrame { samples, sample_rate_hz: 16_000, start_sample: i as u64 * 320, speech: true })
+        .collect();
+    let mut group = c.benchmark_group("vad");
+    group.throughput(Throughput::Elements(FRAMES as u64));
+    let settings = VadConfig::default().validate(16_000).unwrap();
+    group.bench_function("earshot", |b| {
+        b.iter_batched(
+            || (Vad::new(settings, false), frames.clone()),
+            |(mut vad, frames)| {
+                let mut out = Vec::with_capacity(2);
+                for frame in frames {
+                    vad.process(frame, &mut out).unwrap();
+                    out.clear();
+                }
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+    let mut group = c.benchmark_group("batch");
+    group.throughput(Throughput::Elements(FRAMES as u64));
+    group.bench_function("accumulate-100ms", |b| {
+        b.iter_batched(
+            || (Builder::new(1_600), frames.clone()),
+            |(mut builder, frames)| {
+                for frame in frames {
+                    black_box(builder.push(frame));
+                }
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode, parse, resample, vad_and_batch);
+criterion_main!(benches);
