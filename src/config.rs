@@ -56,7 +56,7 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            listen: "127.0.0.1:9090".into(),
+            listen: "127.0.0.1:9464".into(),
         }
     }
 }
