@@ -9,10 +9,12 @@
 //! - `main.rs`: the CLI (`serve`, `emulator`), logging, signals.
 //! - [`config`]: the TOML/env configuration and its validation.
 //! - [`server`]: listeners, HTTP upgrade, the per-session graph, `/metrics` and health.
+//! - [`client`]: `voxflow stream`, a command-line client.
 //! - [`emulator`]: a Google-compatible Speech-to-Text server for development and tests.
 //! - `pipeline` (crate): edges, processors, metrics catalog, shared types.
 //! - `stages` (crate): one folder per stage.
 
+pub mod client;
 pub mod config;
 pub mod emulator;
 pub mod server;

@@ -31,6 +31,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Stream a WAV file (or stdin) to a voxflow server and print the transcripts.
+    Stream(voxflow::client::StreamArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve { config } => serve(config).await,
+            Command::Stream(args) => voxflow::client::stream(args).await,
         }
     })
 }
