@@ -22,6 +22,9 @@ use super::Shared;
 
 pub const STREAM_PATH: &str = "/v1/stream";
 
+/// The demo page: microphone capture, live partials and finals, session stats.
+const DEMO_PAGE: &str = include_str!("demo/index.html");
+
 pub(super) async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
