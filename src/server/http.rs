@@ -46,10 +46,11 @@ fn route(
 ) -> Response<Full<Bytes>> {
     match request.uri().path() {
         STREAM_PATH => upgrade(request, peer, shared),
-        "/" => text(
-            StatusCode::OK,
-            "voxflow: stream audio to ws://HOST:PORT/v1/stream (see docs/protocol.md)\n",
-        ),
+        "/" | "/index.html" => Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes())))
+            .expect("static response parts are valid"),
         _ => {
             sessions::refused("not_found");
             text(StatusCode::NOT_FOUND, "not found\n")
