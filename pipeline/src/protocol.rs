@@ -48,11 +48,11 @@ pub enum ClientMessage<'a> {
 #[serde(deny_unknown_fields)]
 struct Raw<'a> {
     #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<Text<'a>>,
     #[serde(borrow, default)]
-    audio_id: Option<Cow<'a, str>>,
+    audio_id: Option<Text<'a>>,
     #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
+    content: Option<Text<'a>>,
     #[serde(default)]
     encoding: Option<String>,
     #[serde(default)]
@@ -75,6 +75,35 @@ struct Raw<'a> {
     enable_word_time_offsets: Option<bool>,
     #[serde(default)]
     phrase_hints: Option<Vec<String>>,
+}
+
+/// A JSON string that borrows from the frame unless it had escapes. (serde's own `Cow` impl
+/// always copies when nested in an `Option`; audio content is the hot path.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visitor(std::marker::PhantomData))
+    }
 }
 
 impl Raw<'_> {
@@ -143,7 +172,7 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             ProtocolError::Json(message)
         }
     })?;
-    let kind = raw.kind.as_deref();
+    let kind = raw.kind.as_ref().map(|k| k.0.as_ref());
     let only_type = |name: &str| {
         if raw.content.is_some() || raw.has_start_fields() {
             Err(ProtocolError::Invalid(format!(
@@ -161,7 +190,7 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
                         .into(),
                 ));
             }
-            let content = raw.content.ok_or_else(|| {
+            let content = raw.content.map(|c| c.0).ok_or_else(|| {
                 ProtocolError::Invalid(if kind.is_none() {
                     "message has neither type nor content".into()
                 } else {
@@ -169,7 +198,7 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
                 })
             })?;
             Ok(ClientMessage::Audio {
-                audio_id: raw.audio_id,
+                audio_id: raw.audio_id.map(|a| a.0),
                 content,
             })
         }
@@ -180,7 +209,7 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
                 ));
             }
             Ok(ClientMessage::Start(Box::new(StartFields {
-                audio_id: raw.audio_id.map(Cow::into_owned),
+                audio_id: raw.audio_id.map(|a| a.0.into_owned()),
                 encoding: raw.encoding,
                 sample_rate_hertz: raw.sample_rate_hertz,
                 audio_channel_count: raw.audio_channel_count,

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod webdriver;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
