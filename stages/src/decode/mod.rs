@@ -122,7 +122,7 @@ impl Decode {
         let channels = usize::from(self.format.channels);
         if let Some(size) = self.format.encoding.bytes_per_sample() {
             let frame = size * channels;
-            if bytes.len() % frame != 0 {
+            if !bytes.len().is_multiple_of(frame) {
                 return Err(DecodeError::PartialFrame {
                     len: bytes.len(),
                     encoding: self.format.encoding.as_str(),
