@@ -29,7 +29,9 @@ pub struct WhisperConfig {
     pub queue_capacity: usize,
     /// Sessions this engine serves at once; further sessions are refused with `overloaded`
     /// (close 1013, `voxflow_sessions_refused_total{reason="engine"}`) rather than slowing
-    /// everyone down. Size it from the real-time factor: see the README of this engine.
+    /// everyone down. On 2 shared cores, 8 talkers speaking most of the time kept finals within
+    /// ~1.7 s (p90) of the end of speech, 12 within ~3.7 s, 16 fell behind for good
+    /// (`measure_concurrent_sessions` in tests.rs).
     pub max_sessions: usize,
     /// Re-decode the growing utterance after this much new audio to send an interim result,
     /// but only while a worker is free for it: under load interims are skipped first.

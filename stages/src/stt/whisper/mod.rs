@@ -48,7 +48,10 @@ const MIN_DECODE_SAMPLES: usize = 16_000;
 
 /// How many encoder frames (20 ms each, 1500 = 30 s) a decode uses: the utterance plus a
 /// margin, never below a floor. Smaller is faster (the encoder is most of the cost for short
-/// utterances) but too small a window costs accuracy; see `tests.rs` for the measurements.
+/// utterances) but too small a window costs accuracy. Measured on the eight sentences of
+/// `tests.rs` (`measure_audio_ctx_rules`, one thread): full window WER 0.118, 1.46 s per
+/// sentence; floor 512 + 64: WER 0.118, 0.36 s; floor 384 + 64: WER 0.118, 0.27 s; floor
+/// 256 + 32: WER 0.237. The default keeps twice the smallest window that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AudioCtxRule {
     /// 0 = always the full 30 s window.

@@ -378,9 +378,11 @@ async fn synthesized_sentences_are_transcribed() {
     }
     let wer = errors as f64 / total as f64;
     eprintln!("WER {wer:.3} ({errors}/{total})");
-    // Measured 0.0 to 0.03 on these voices; 0.15 leaves room for whisper.cpp changes while
-    // still failing on a broken converter or mis-segmented audio (those give 0.5 and more).
-    assert!(wer <= 0.15, "word error rate {wer:.3}");
+    // Measured 0.118 (9 of 76 words), the same as decoding each file whole with the full 30 s
+    // window: the errors are tiny.en's on these voices ("brown fox" -> "round-fark"), not the
+    // engine's. A too small audio window (256 frames) measured 0.237, a broken converter or
+    // segmentation gives far more; 0.2 catches those with a few words of margin.
+    assert!(wer <= 0.2, "word error rate {wer:.3}");
 }
 
 /// Spoken in real time: interims arrive while a sentence is spoken; a pause (which the VAD gate
@@ -524,7 +526,7 @@ async fn measure_audio_ctx_rules() {
 }
 
 /// Not run by default: N sessions speaking at once in real time (each the eight sentences with
-/// pauses, ~35 s), default settings. Prints WER, the latency of finals after the end of their
+/// pauses, ~35 s, starts staggered over 4 s), default settings. Prints WER, the latency of finals after the end of their
 /// speech, and interims delivered, to size `max_sessions`.
 /// `cargo test -p stages --release -- --ignored --nocapture measure_concurrent_sessions`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,10 +551,13 @@ async fn measure_concurrent_sessions() {
         };
         let engine = Arc::new(WhisperEngine::new(&config, 16_000).unwrap());
         let mut tasks = Vec::new();
-        for _ in 0..n {
+        for i in 0..n {
             let engine = Arc::clone(&engine);
             let speech = speech.clone();
             tasks.push(tokio::spawn(async move {
+                // Talkers out of step, as real ones are (in step, every final is due at once).
+                let offset_ms = (i as u64 * 1_370) % 4_000;
+                tokio::time::sleep(Duration::from_millis(offset_ms)).await;
                 transcribe(&engine, &speech, true).await
             }));
         }
