@@ -46,6 +46,19 @@ fn speech(dir: &Path) -> Vec<u8> {
     std::fs::read(&pcm).unwrap()
 }
 
+/// GET /metrics over a plain socket.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    socket.read_to_string(&mut body).await.unwrap();
+    body
+}
+
 fn words(text: &str) -> Vec<String> {
     text.split_whitespace()
         .map(|w| {
@@ -75,6 +88,7 @@ async fn speech_sent_over_a_websocket_comes_back_as_text() {
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = voxflow::Server::from_listeners(settings, engine, listener, metrics);
     let addr = server.local_addr().unwrap();
+    let metrics_addr = server.metrics_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(async {
         let _ = stopped.await;
@@ -127,6 +141,19 @@ async fn speech_sent_over_a_websocket_comes_back_as_text() {
     let missing: Vec<&String> = expected.iter().filter(|w| !heard.contains(w)).collect();
     assert!(missing.len() <= 1, "heard {finals:?} ({interims} interims)");
     assert!(interims >= 1, "no interim while speaking");
+
+    // The engine's metrics are exported.
+    let exported = scrape(metrics_addr).await;
+    for name in [
+        "voxflow_whisper_decode_seconds_sum{kind=\"final\"}",
+        "voxflow_whisper_audio_decoded_seconds_sum{kind=\"final\"}",
+        "voxflow_whisper_queue_depth_jobs",
+    ] {
+        assert!(
+            exported.contains(name),
+            "{name} not in /metrics:\n{exported}"
+        );
+    }
 
     stop.send(()).unwrap();
     serving.await.unwrap().unwrap();

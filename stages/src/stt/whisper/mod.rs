@@ -151,9 +151,6 @@ struct Inner {
     settings: WhisperSettings,
     jobs: Arc<JobQueue>,
     seats: Arc<Semaphore>,
-    streams: Gauge,
-    skipped_in_flight: Counter,
-    skipped_workers_busy: Counter,
 }
 
 impl Drop for Inner {
@@ -184,11 +181,13 @@ struct Job {
 /// bound the waiting jobs. Workers take finals before interims. An interim is only queued when
 /// a worker is idle and no other job is waiting for it: it never waits behind other work, and
 /// never makes a final wait except for a decode already running.
+///
+/// Metric handles are looked up when used (once per job): the engine is built before the
+/// metrics recorder is installed, and handles taken earlier would record nothing.
 struct JobQueue {
     slots: Arc<Semaphore>,
     waiting: Mutex<Waiting>,
     wake: Condvar,
-    depth: Gauge,
 }
 
 #[derive(Default)]
@@ -211,7 +210,6 @@ impl JobQueue {
             slots: Arc::new(Semaphore::new(capacity)),
             waiting: Mutex::new(Waiting::default()),
             wake: Condvar::new(),
-            depth: m::queue_depth(),
         }
     }
 
@@ -227,7 +225,7 @@ impl JobQueue {
     fn push_final(&self, job: Job, slot: OwnedSemaphorePermit) {
         let mut waiting = self.lock();
         waiting.finals.push_back((job, slot));
-        self.depth.set(waiting.len() as f64);
+        m::queue_depth().set(waiting.len() as f64);
         self.wake.notify_one();
     }
 
@@ -241,7 +239,7 @@ impl JobQueue {
             return Err(job);
         };
         waiting.interims.push_back((job, slot));
-        self.depth.set(waiting.len() as f64);
+        m::queue_depth().set(waiting.len() as f64);
         self.wake.notify_one();
         Ok(())
     }
@@ -257,7 +255,7 @@ impl JobQueue {
             };
             if let Some((job, _slot)) = next {
                 waiting.idle_workers -= 1;
-                self.depth.set(waiting.len() as f64);
+                m::queue_depth().set(waiting.len() as f64);
                 return Some(job);
             }
             if waiting.closed {
@@ -344,9 +342,6 @@ impl WhisperEngine {
                 seats: Arc::new(Semaphore::new(settings.max_sessions.get())),
                 settings,
                 jobs,
-                streams: m::streams(),
-                skipped_in_flight: m::interims_skipped("in_flight"),
-                skipped_workers_busy: m::interims_skipped("workers_busy"),
             }),
         })
     }
@@ -390,7 +385,7 @@ impl SttEngine for WhisperEngine {
                     self.inner.settings.max_sessions
                 ))
             })?;
-        let seat = Seat::new(permit, self.inner.streams.clone());
+        let seat = Seat::new(permit, m::streams());
         let (audio_tx, audio_rx) = mpsc::channel(2);
         let (results_tx, results_rx) = mpsc::channel(4);
         let session = Session::new(Arc::clone(&self.inner), config.interim_results);
@@ -459,13 +454,12 @@ impl KindMetrics {
 impl Worker {
     /// Decode jobs until the queue closes (the engine and all its sessions are gone).
     fn run(mut self) {
-        let metrics = [KindMetrics::new(false), KindMetrics::new(true)];
         while let Some(job) = self.queue.next() {
             if job.reply.is_closed() {
                 // The session is gone; nobody would read the result.
                 continue;
             }
-            let metrics = &metrics[usize::from(job.is_final)];
+            let metrics = KindMetrics::new(job.is_final);
             metrics
                 .queue_wait
                 .record(job.queued_at.elapsed().as_secs_f64());
@@ -706,6 +700,8 @@ enum Event {
 /// One stream's task: segment, submit, relay.
 struct Session {
     inner: Arc<Inner>,
+    skipped_in_flight: Counter,
+    skipped_workers_busy: Counter,
     segmenter: Segmenter,
     interim_interval: Option<usize>,
     ended: VecDeque<Utterance>,
@@ -720,6 +716,8 @@ impl Session {
             .filter(|_| interim_results)
             .map(|d| (d.as_millis() * u128::from(SAMPLE_RATE_HZ) / 1_000) as usize);
         Session {
+            skipped_in_flight: m::interims_skipped("in_flight"),
+            skipped_workers_busy: m::interims_skipped("workers_busy"),
             segmenter: Segmenter::new(&inner.settings),
             inner,
             interim_interval,
@@ -819,13 +817,13 @@ impl Session {
             return;
         };
         if self.in_flight.is_some() {
-            self.inner.skipped_in_flight.increment(1);
+            self.skipped_in_flight.increment(1);
             return;
         }
         let (job, in_flight) = job(false, utterance);
         match self.inner.jobs.try_push_interim(job) {
             Ok(()) => self.in_flight = Some(in_flight),
-            Err(_) => self.inner.skipped_workers_busy.increment(1),
+            Err(_) => self.skipped_workers_busy.increment(1),
         }
     }
 
