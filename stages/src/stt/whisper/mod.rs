@@ -315,20 +315,26 @@ impl WhisperEngine {
             language: settings.language.clone(),
             audio_ctx,
         };
+        // Every state first: a failure then leaves no worker thread behind.
+        let states = (0..settings.workers.get())
+            .map(|_| context.create_state())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WhisperError::Worker(e.to_string()))?;
         let jobs = Arc::new(JobQueue::new(settings.queue_capacity.get()));
-        for index in 0..settings.workers.get() {
-            let state = context
-                .create_state()
-                .map_err(|e| WhisperError::Worker(e.to_string()))?;
+        for (index, state) in states.into_iter().enumerate() {
             let worker = Worker {
                 state,
                 queue: Arc::clone(&jobs),
                 decode: decode.clone(),
             };
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("whisper-{index}"))
-                .spawn(move || worker.run())
-                .map_err(|e| WhisperError::Worker(e.to_string()))?;
+                .spawn(move || worker.run());
+            if let Err(error) = spawned {
+                // Let the workers already started end.
+                jobs.close();
+                return Err(WhisperError::Worker(error.to_string()));
+            }
         }
         tracing::info!(
             model = %settings.model_path.display(),
