@@ -667,11 +667,16 @@ impl Segmenter {
         }
     }
 
-    /// End the open utterance, without its trailing non-speech.
+    /// End the open utterance. Its trailing non-speech is cut off and kept as the pre-roll of
+    /// the next one.
     pub fn close(&mut self) -> Option<Utterance> {
         let mut utterance = self.open.take()?;
-        utterance.samples.truncate(utterance.speech_len);
-        self.idle.clear();
+        self.idle_end = utterance.end_sample();
+        self.idle = utterance.samples.split_off(utterance.speech_len);
+        if self.idle.len() > PRE_ROLL_SAMPLES {
+            let cut = self.idle.len() - PRE_ROLL_SAMPLES;
+            self.idle.drain(..cut);
+        }
         Some(utterance)
     }
 

@@ -74,6 +74,9 @@ fn non_speech_ends_an_utterance_and_is_trimmed() {
     seg.push(&batch(700, 100, false), &mut ended);
     assert_eq!(spans(&ended), [(0, 500)]);
     assert!(seg.current().is_none());
+    // The silence that ended it is the next utterance's pre-roll.
+    seg.push(&batch(800, 100, true), &mut ended);
+    assert_eq!(ms(seg.current().unwrap().start_sample), 500);
 }
 
 #[test]
