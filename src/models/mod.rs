@@ -80,7 +80,7 @@ fn already_usable(out: &Path) -> bool {
     match stages::stt::whisper::check_model(out) {
         Ok(info) => {
             println!(
-                "{} is already installed and loads ({} model, {} tokens); --force redoes it.",
+                "{} already exists and loads ({} model, {} tokens); --force redoes it.",
                 out.display(),
                 info.model_type,
                 info.n_vocab
