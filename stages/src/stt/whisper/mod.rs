@@ -471,7 +471,7 @@ impl Worker {
                 .record(job.queued_at.elapsed().as_secs_f64());
             // tokio's clock falls back to the system clock outside a runtime.
             let started = Instant::now();
-            let result = decode(&mut self.state, &self.decode, &job.samples);
+            let result = decode(&mut self.state, &self.decode, &job.samples, job.is_final);
             metrics.decode.record(started.elapsed().as_secs_f64());
             metrics
                 .audio
@@ -489,6 +489,7 @@ fn decode(
     state: &mut WhisperState,
     settings: &DecodeSettings,
     samples: &[f32],
+    is_final: bool,
 ) -> Result<Decoded, whisper_rs::WhisperError> {
     let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
     params.set_n_threads(settings.threads);
@@ -501,6 +502,11 @@ fn decode(
     params.set_no_timestamps(true);
     params.set_suppress_blank(true);
     params.set_suppress_nst(true);
+    if !is_final {
+        // No re-decoding at higher temperatures when the greedy text looks unreliable: an
+        // interim is soon replaced anyway, and its cost must stay one decode.
+        params.set_temperature_inc(0.0);
+    }
     params.set_audio_ctx(i32::try_from(settings.audio_ctx.frames(samples.len())).unwrap_or(0));
     params.set_print_special(false);
     params.set_print_progress(false);
