@@ -288,6 +288,11 @@ impl Config {
                 "stt.sample_rate_hz must be 8000..=48000, got {rate}"
             )));
         }
+        // Checked whichever engine is chosen, so a bad value is named before it matters.
+        self.stt
+            .whisper
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let session = &self.session;
         if !session.encoding.supports_rate(session.sample_rate_hertz) {
             return Err(ConfigError::Invalid(format!(

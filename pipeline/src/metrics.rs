@@ -79,6 +79,18 @@ catalog! {
         "Time from a stream's first audio to its first result.");
     STT_FINAL_LATENCY = ("voxflow_stt_final_latency_seconds", Histogram, ["engine"],
         "Time from the last audio a final covers reaching the engine to the final being received.");
+    WHISPER_QUEUE_DEPTH = ("voxflow_whisper_queue_depth_jobs", Gauge, [],
+        "Whisper decode jobs waiting for a model worker, over all sessions.");
+    WHISPER_QUEUE_WAIT = ("voxflow_whisper_queue_wait_seconds", Histogram, ["kind"],
+        "Time a Whisper decode job waited for a worker (kind = interim | final). Growing final waits mean the workers are saturated.");
+    WHISPER_DECODE = ("voxflow_whisper_decode_seconds", Histogram, ["kind"],
+        "Worker time for one Whisper decode (kind = interim | final). Real-time factor = rate(_sum) / rate(voxflow_whisper_audio_decoded_seconds_sum).");
+    WHISPER_AUDIO_DECODED = ("voxflow_whisper_audio_decoded_seconds", Histogram, ["kind"],
+        "Audio in each Whisper decode (the whole utterance so far, for interims).");
+    WHISPER_INTERIMS_SKIPPED = ("voxflow_whisper_interims_skipped_total", Counter, ["reason"],
+        "Interim decodes not run because the CPU was busy (reason = in_flight: the session's previous decode is still running | workers_busy: no worker idle). Finals are never skipped.");
+    WHISPER_STREAMS = ("voxflow_whisper_streams_active", Gauge, [],
+        "Sessions holding one of the Whisper engine's max_sessions seats.");
 }
 
 /// Why an item was dropped. A closed set: the values of the `reason` label.
@@ -161,7 +173,13 @@ pub fn buckets() -> Vec<(&'static str, Vec<f64>)> {
         (STAGE_PROCESSING, fast),
         (STAGE_SEND_BLOCKED, slow.clone()),
         (STT_FIRST_RESULT, slow.clone()),
-        (STT_FINAL_LATENCY, slow),
+        (STT_FINAL_LATENCY, slow.clone()),
+        (WHISPER_QUEUE_WAIT, slow.clone()),
+        (WHISPER_DECODE, slow),
+        (
+            WHISPER_AUDIO_DECODED,
+            vec![0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0],
+        ),
         (STAGE_DROPPED_AUDIO, audio.clone()),
         (AUDIO_FRAME, audio.clone()),
         (VAD_GATED, audio),
@@ -256,6 +274,41 @@ pub mod engine {
 
     pub fn final_latency(engine: &'static str) -> Histogram {
         histogram!(STT_FINAL_LATENCY, "engine" => engine)
+    }
+}
+
+/// The Whisper engine's metrics (`stt/whisper`).
+pub mod whisper {
+    use super::*;
+
+    /// `interim` or `final`: the values of the `kind` label.
+    pub fn kind(is_final: bool) -> &'static str {
+        if is_final { "final" } else { "interim" }
+    }
+
+    pub fn queue_depth() -> Gauge {
+        gauge!(WHISPER_QUEUE_DEPTH)
+    }
+
+    pub fn queue_wait(is_final: bool) -> Histogram {
+        histogram!(WHISPER_QUEUE_WAIT, "kind" => kind(is_final))
+    }
+
+    pub fn decode(is_final: bool) -> Histogram {
+        histogram!(WHISPER_DECODE, "kind" => kind(is_final))
+    }
+
+    pub fn audio_decoded(is_final: bool) -> Histogram {
+        histogram!(WHISPER_AUDIO_DECODED, "kind" => kind(is_final))
+    }
+
+    /// `reason` is `in_flight` or `workers_busy`.
+    pub fn interims_skipped(reason: &'static str) -> Counter {
+        counter!(WHISPER_INTERIMS_SKIPPED, "reason" => reason)
+    }
+
+    pub fn streams() -> Gauge {
+        gauge!(WHISPER_STREAMS)
     }
 }
 

@@ -166,6 +166,12 @@ pub fn engine(settings: &Settings) -> anyhow::Result<Arc<dyn SttEngine>> {
         stages::stt::config::EngineKind::Google => {
             anyhow::bail!("the Google engine is not built into this version yet")
         }
+        stages::stt::config::EngineKind::Whisper => {
+            Ok(Arc::new(stages::stt::whisper::WhisperEngine::new(
+                &settings.stt.whisper,
+                settings.stt.sample_rate_hz,
+            )?))
+        }
     }
 }
 

@@ -1,11 +1,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::google::GoogleConfig;
+use super::whisper::WhisperConfig;
 
 /// Which engine transcribes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineKind {
+    /// Whisper on this machine (whisper.cpp): no account, no network; the default.
+    Whisper,
     /// Google Cloud Speech-to-Text v1 (or any server speaking its gRPC API, e.g. the emulator).
     Google,
 }
@@ -20,16 +23,18 @@ pub struct SttConfig {
     pub language_code: String,
     pub interim_results: bool,
     pub google: GoogleConfig,
+    pub whisper: WhisperConfig,
 }
 
 impl Default for SttConfig {
     fn default() -> Self {
         SttConfig {
-            engine: EngineKind::Google,
+            engine: EngineKind::Whisper,
             sample_rate_hz: 16_000,
             language_code: "en-US".into(),
             interim_results: true,
             google: GoogleConfig::default(),
+            whisper: WhisperConfig::default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod google;
+pub mod whisper;
 
 use std::sync::Arc;
 
