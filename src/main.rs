@@ -33,6 +33,16 @@ enum Command {
     },
     /// Stream a WAV file (or stdin) to a voxflow server and print the transcripts.
     Stream(voxflow::client::StreamArgs),
+    /// Run the Google-compatible Speech-to-Text emulator (gRPC, plaintext) for development and
+    /// tests: `VOXFLOW_STT__ENGINE=google VOXFLOW_STT__GOOGLE__ENDPOINT=http://127.0.0.1:50051
+    /// VOXFLOW_STT__GOOGLE__AUTH=none voxflow serve` then uses it.
+    Emulator {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        config: voxflow::emulator::EmulatorConfig,
+    },
     /// Get or convert the offline Whisper model.
     Models {
         #[command(subcommand)]
@@ -79,6 +89,13 @@ fn main() -> anyhow::Result<()> {
         match command {
             Command::Serve { config } => serve(config).await,
             Command::Stream(args) => voxflow::client::stream(args).await,
+            Command::Emulator { listen, config } => {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                tracing::info!(%listen, "Speech emulator serving google.cloud.speech.v1.Speech.");
+                voxflow::emulator::serve(listener, config, shutdown_signal()).await
+            }
             Command::Models { .. } => unreachable!("handled above"),
         }
     })

@@ -91,6 +91,20 @@ catalog! {
         "Interim decodes not run because the CPU was busy (reason = in_flight: the session's previous decode is still running | workers_busy: no worker idle). Finals are never skipped.");
     WHISPER_STREAMS = ("voxflow_whisper_streams_active", Gauge, [],
         "Sessions holding one of the Whisper engine's max_sessions seats.");
+    STT_UPSTREAM_OPENED = ("voxflow_stt_upstream_streams_opened_total", Counter, ["engine"],
+        "Upstream engine streams opened (first streams, rotations, retries, reopenings after silence).");
+    STT_UPSTREAM_ACTIVE = ("voxflow_stt_upstream_streams_active", Gauge, ["engine"],
+        "Upstream engine streams open now.");
+    STT_UPSTREAM_CLOSED = ("voxflow_stt_upstream_streams_closed_total", Counter, ["engine", "reason"],
+        "Upstream streams ended, by reason (finalize, silence, rotation, end, error).");
+    STT_UPSTREAM_OPEN = ("voxflow_stt_upstream_open_seconds", Histogram, ["engine"],
+        "Time to open an upstream stream: token, connection if needed, response headers.");
+    STT_ROTATIONS = ("voxflow_stt_rotations_total", Counter, ["engine", "reason"],
+        "Upstream streams replaced before the engine's duration limit (reason = boundary | forced).");
+    STT_RETRIES = ("voxflow_stt_retries_total", Counter, ["engine", "code"],
+        "Upstream streams reopened after a transient error, by the engine's status code.");
+    STT_REPLAYED = ("voxflow_stt_replayed_audio_seconds", Histogram, ["engine"],
+        "Audio sent again into a new upstream stream after a rotation or error, per new stream; the _sum is seconds replayed (billed twice).");
 }
 
 /// Why an item was dropped. A closed set: the values of the `reason` label.
@@ -169,17 +183,20 @@ pub fn buckets() -> Vec<(&'static str, Vec<f64>)> {
         1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
     let audio = vec![0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0];
+    let replay = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     vec![
         (STAGE_PROCESSING, fast),
         (STAGE_SEND_BLOCKED, slow.clone()),
         (STT_FIRST_RESULT, slow.clone()),
         (STT_FINAL_LATENCY, slow.clone()),
         (WHISPER_QUEUE_WAIT, slow.clone()),
-        (WHISPER_DECODE, slow),
+        (WHISPER_DECODE, slow.clone()),
         (
             WHISPER_AUDIO_DECODED,
             vec![0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0],
         ),
+        (STT_UPSTREAM_OPEN, slow),
+        (STT_REPLAYED, replay),
         (STAGE_DROPPED_AUDIO, audio.clone()),
         (AUDIO_FRAME, audio.clone()),
         (VAD_GATED, audio),
@@ -274,6 +291,37 @@ pub mod engine {
 
     pub fn final_latency(engine: &'static str) -> Histogram {
         histogram!(STT_FINAL_LATENCY, "engine" => engine)
+    }
+
+    pub fn upstream_opened(engine: &'static str) -> Counter {
+        counter!(STT_UPSTREAM_OPENED, "engine" => engine)
+    }
+
+    pub fn upstream_active(engine: &'static str) -> Gauge {
+        gauge!(STT_UPSTREAM_ACTIVE, "engine" => engine)
+    }
+
+    pub fn upstream_open(engine: &'static str) -> Histogram {
+        histogram!(STT_UPSTREAM_OPEN, "engine" => engine)
+    }
+
+    pub fn replayed(engine: &'static str) -> Histogram {
+        histogram!(STT_REPLAYED, "engine" => engine)
+    }
+
+    /// `reason` is one of `finalize`, `silence`, `rotation`, `end`, `error`. Rare: no cached handle.
+    pub fn upstream_closed(engine: &'static str, reason: &'static str) {
+        counter!(STT_UPSTREAM_CLOSED, "engine" => engine, "reason" => reason).increment(1);
+    }
+
+    /// `reason` is `boundary` (after a final) or `forced` (at the deadline).
+    pub fn rotation(engine: &'static str, reason: &'static str) {
+        counter!(STT_ROTATIONS, "engine" => engine, "reason" => reason).increment(1);
+    }
+
+    /// `code` is the engine's status name (a closed set, e.g. gRPC codes).
+    pub fn retry(engine: &'static str, code: &'static str) {
+        counter!(STT_RETRIES, "engine" => engine, "code" => code).increment(1);
     }
 }
 

@@ -163,9 +163,9 @@ impl Server {
 /// When the engine's configuration is unusable.
 pub fn engine(settings: &Settings) -> anyhow::Result<Arc<dyn SttEngine>> {
     match settings.stt.engine {
-        stages::stt::config::EngineKind::Google => {
-            anyhow::bail!("the Google engine is not built into this version yet")
-        }
+        stages::stt::config::EngineKind::Google => Ok(Arc::new(
+            stages::stt::google::GoogleEngine::new(&settings.stt.google)?,
+        )),
         stages::stt::config::EngineKind::Whisper => {
             Ok(Arc::new(stages::stt::whisper::WhisperEngine::new(
                 &settings.stt.whisper,
