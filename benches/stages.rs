@@ -18,7 +18,11 @@ const FRAMES: usize = 250; // 5 s of audio per iteration
 
 fn speech_16k() -> Vec<i16> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech-16k.wav");
-    hound::WavReader::open(path).unwrap().samples::<i16>().map(Result::unwrap).collect()
+    hound::WavReader::open(path)
+        .unwrap()
+        .samples::<i16>()
+        .map(Result::unwrap)
+        .collect()
 }
 
 /// `FRAMES` frames of speech at `rate` (naively decimated or repeated: content does not
@@ -27,23 +31,46 @@ fn frames_at(rate: u32) -> Vec<Vec<i16>> {
     let speech = speech_16k();
     let per_frame = rate as usize / 50;
     (0..FRAMES)
-        .map(|f| (0..per_frame).map(|i| speech[(f * per_frame + i) * 16_000 / rate as usize % speech.len()]).collect())
+        .map(|f| {
+            (0..per_frame)
+                .map(|i| speech[(f * per_frame + i) * 16_000 / rate as usize % speech.len()])
+                .collect()
+        })
         .collect()
 }
 
 fn payloads(encoding: Encoding, rate: u32) -> Vec<Payload> {
-    let binary = |bytes: Vec<u8>| Payload { data: PayloadData::Binary(Bytes::from(bytes)), audio_us: 20_000 };
+    let binary = |bytes: Vec<u8>| Payload {
+        data: PayloadData::Binary(Bytes::from(bytes)),
+        audio_us: 20_000,
+    };
     let frames = frames_at(rate);
     match encoding {
-        Encoding::Linear16 => frames.iter().map(|f| binary(f.iter().flat_map(|s| s.to_le_bytes()).collect())).collect(),
+        Encoding::Linear16 => frames
+            .iter()
+            .map(|f| binary(f.iter().flat_map(|s| s.to_le_bytes()).collect()))
+            .collect(),
         Encoding::Float32 => frames
             .iter()
-            .map(|f| binary(f.iter().flat_map(|&s| (f32::from(s) / 32_768.0).to_le_bytes()).collect()))
+            .map(|f| {
+                binary(
+                    f.iter()
+                        .flat_map(|&s| (f32::from(s) / 32_768.0).to_le_bytes())
+                        .collect(),
+                )
+            })
             .collect(),
-        Encoding::Mulaw | Encoding::Alaw => frames.iter().map(|f| binary(f.iter().map(|&s| (s >> 8) as u8).collect())).collect(),
+        Encoding::Mulaw | Encoding::Alaw => frames
+            .iter()
+            .map(|f| binary(f.iter().map(|&s| (s >> 8) as u8).collect()))
+            .collect(),
         Encoding::Opus => {
-            let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip).unwrap();
-            frames.iter().map(|f| binary(encoder.encode_vec(f, 4_000).unwrap())).collect()
+            let mut encoder =
+                opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip).unwrap();
+            frames
+                .iter()
+                .map(|f| binary(encoder.encode_vec(f, 4_000).unwrap()))
+                .collect()
         }
     }
 }
@@ -60,33 +87,47 @@ fn decode(c: &mut Criterion) {
         (Encoding::Opus, 48_000),
     ] {
         let input = payloads(encoding, rate);
-        let format = AudioFormat { encoding, sample_rate_hz: rate, channels: 1 };
-        group.bench_with_input(BenchmarkId::new(encoding.as_str(), rate), &input, |b, input| {
-            b.iter_batched(
-                || (Decode::new(format).unwrap(), input.clone()),
-                |(mut decode, input)| {
-                    let mut out = Vec::with_capacity(1);
-                    for payload in input {
-                        decode.process(payload, &mut out).unwrap();
-                        black_box(out.pop());
-                    }
-                },
-                criterion::BatchSize::SmallInput,
-            )
-        });
+        let format = AudioFormat {
+            encoding,
+            sample_rate_hz: rate,
+            channels: 1,
+        };
+        group.bench_with_input(
+            BenchmarkId::new(encoding.as_str(), rate),
+            &input,
+            |b, input| {
+                b.iter_batched(
+                    || (Decode::new(format).unwrap(), input.clone()),
+                    |(mut decode, input)| {
+                        let mut out = Vec::with_capacity(1);
+                        for payload in input {
+                            decode.process(payload, &mut out).unwrap();
+                            black_box(out.pop());
+                        }
+                    },
+                    criterion::BatchSize::SmallInput,
+                )
+            },
+        );
     }
     // The tutorial's form: the base64 inside the JSON, after ingress has sliced it out.
     let input: Vec<Payload> = payloads(Encoding::Linear16, 16_000)
         .into_iter()
         .map(|p| match p.data {
             PayloadData::Binary(bytes) => Payload {
-                data: PayloadData::Base64(Bytes::from(base64::engine::general_purpose::STANDARD.encode(bytes))),
+                data: PayloadData::Base64(Bytes::from(
+                    base64::engine::general_purpose::STANDARD.encode(bytes),
+                )),
                 audio_us: 20_000,
             },
             PayloadData::Base64(_) => unreachable!(),
         })
         .collect();
-    let format = AudioFormat { encoding: Encoding::Linear16, sample_rate_hz: 16_000, channels: 1 };
+    let format = AudioFormat {
+        encoding: Encoding::Linear16,
+        sample_rate_hz: 16_000,
+        channels: 1,
+    };
     group.bench_function("LINEAR16-base64/16000", |b| {
         b.iter_batched(
             || (Decode::new(format).unwrap(), input.clone()),
@@ -130,7 +171,12 @@ fn resample(c: &mut Criterion) {
     for rate in [16_000u32, 8_000, 44_100, 48_000] {
         let frames: Vec<AudioFrame> = frames_at(rate)
             .into_iter()
-            .map(|samples| AudioFrame { samples, sample_rate_hz: rate, start_sample: 0, speech: true })
+            .map(|samples| AudioFrame {
+                samples,
+                sample_rate_hz: rate,
+                start_sample: 0,
+                speech: true,
+            })
             .collect();
         group.bench_with_input(BenchmarkId::new("to-16000", rate), &frames, |b, frames| {
             b.iter_batched(
@@ -153,7 +199,12 @@ fn vad_and_batch(c: &mut Criterion) {
     let frames: Vec<AudioFrame> = frames_at(16_000)
         .into_iter()
         .enumerate()
-        .map(|(i, samples)| AudioFrame { samples, sample_rate_hz: 16_000, start_sample: i as u64 * 320, speech: true })
+        .map(|(i, samples)| AudioFrame {
+            samples,
+            sample_rate_hz: 16_000,
+            start_sample: i as u64 * 320,
+            speech: true,
+        })
         .collect();
     let mut group = c.benchmark_group("vad");
     group.throughput(Throughput::Elements(FRAMES as u64));
