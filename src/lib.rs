@@ -10,11 +10,13 @@
 //! - [`config`]: the TOML/env configuration and its validation.
 //! - [`server`]: listeners, HTTP upgrade, the per-session graph, `/metrics` and health.
 //! - [`emulator`]: a Google-compatible Speech-to-Text server for development and tests.
+//! - [`logging`]: text or JSON log lines, one span per session.
 //! - `pipeline` (crate): edges, processors, metrics catalog, shared types.
 //! - `stages` (crate): one folder per stage.
 
 pub mod config;
 pub mod emulator;
+pub mod logging;
 pub mod server;
 
 pub use config::{Config, Settings};
