@@ -19,7 +19,7 @@ use pipeline::session::close_code;
 use pipeline::{
     AudioBatch, EngineInput, EngineResult, Flow, SessionError, SessionShared, SttError, SttStream,
 };
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 
 /// How an engine error looks to the client.
 pub fn session_error(error: &SttError) -> SessionError {
@@ -77,7 +77,8 @@ impl LatencyClock {
         }
     }
 
-    fn received(&mut self, result: &EngineResult) {
+    /// Time `result`; for a final, its latency (also recorded).
+    fn received(&mut self, result: &EngineResult) -> Option<Duration> {
         let now = Instant::now();
         if let Some(first_audio) = self.first_audio
             && let Some(histogram) = self.first_result.take()
@@ -85,26 +86,26 @@ impl LatencyClock {
             histogram.record(now.saturating_duration_since(first_audio).as_secs_f64());
         }
         if !result.is_final {
-            return;
+            return None;
         }
         // The batch holding the final's last sample; everything up to it is now covered.
-        let Some(index) = self
+        let index = self
             .sent
             .iter()
-            .position(|&(end, _)| end >= result.end_sample)
-        else {
+            .position(|&(end, _)| end >= result.end_sample);
+        let Some(index) = index else {
             self.sent.clear();
-            return;
+            return None;
         };
-        let handed_over = self.sent[index].1;
-        self.final_latency
-            .record(now.saturating_duration_since(handed_over).as_secs_f64());
+        let latency = now.saturating_duration_since(self.sent[index].1);
+        self.final_latency.record(latency.as_secs_f64());
         let covered = if self.sent[index].0 == result.end_sample {
             index + 1
         } else {
             index
         };
         self.sent.drain(..covered);
+        Some(latency)
     }
 }
 
@@ -173,3 +174,6 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
