@@ -157,6 +157,23 @@ fn dashboard_panels_are_well_formed() {
             assert!(!target["expr"].as_str().unwrap_or("").is_empty(), "{title}");
         }
     }
+    // No two panels overlap on the grid.
+    let rect = |p: &Value| {
+        let g = &p["gridPos"];
+        let n = |k: &str| g[k].as_u64().unwrap();
+        (n("x"), n("y"), n("x") + n("w"), n("y") + n("h"))
+    };
+    for (i, a) in panels.iter().enumerate() {
+        for b in &panels[i + 1..] {
+            let ((ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1)) = (rect(a), rect(b));
+            assert!(
+                ax1 <= bx0 || bx1 <= ax0 || ay1 <= by0 || by1 <= ay0,
+                "{} overlaps {}",
+                a["title"],
+                b["title"]
+            );
+        }
+    }
     // Every $variable used in a query is defined (or one of Grafana's own).
     let defined: Vec<String> = dashboard["templating"]["list"]
         .as_array()
