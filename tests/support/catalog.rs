@@ -22,6 +22,8 @@ pub const ENGINE_METRICS: &[(&str, &[(&str, Kind)])] = &[
             ("voxflow_stt_rotations_total", Kind::Counter),
             ("voxflow_stt_retries_total", Kind::Counter),
             ("voxflow_stt_replayed_audio_seconds", Kind::Histogram),
+            ("voxflow_stt_upstream_streams_closed_total", Kind::Counter),
+            ("voxflow_stt_upstream_open_seconds", Kind::Histogram),
         ],
     ),
     (
