@@ -282,7 +282,7 @@ impl Write for Captured {
 #[test]
 fn json_logs_carry_the_session_span_and_nothing_per_frame_above_trace() {
     let captured = Captured::default();
-    let writer = captured.clone();
+    let (writer, log) = (captured.clone(), captured.clone());
     let subscriber = voxflow::logging::subscriber(
         true,
         tracing_subscriber::EnvFilter::new("trace"),
@@ -313,6 +313,13 @@ fn json_logs_carry_the_session_span_and_nothing_per_frame_above_trace() {
             client.send_json(json!({"type": "stop"})).await;
             let result = client.collect().await;
             assert!(result.dropped_ms() > 0, "the drop path ran");
+            // The client may see the close before the session's task has logged its end.
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while !String::from_utf8_lossy(&log.0.lock().unwrap()).contains("Session ended.")
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             result.dropped_ms() / 20
         })
     });
