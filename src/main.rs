@@ -136,13 +136,11 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("VOXFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let json = matches!(format, LogFormat::Json);
+    voxflow::logging::subscriber(json, filter, std::io::stdout).init();
 }
 
 /// Resolves on SIGINT or SIGTERM.

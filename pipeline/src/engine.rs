@@ -78,6 +78,12 @@ pub trait SttEngine: Send + Sync + 'static {
     /// Whether the VAD should keep non-speech from this engine (pre-roll and hangover kept).
     fn vad_gate(&self) -> bool;
 
+    /// Whether new sessions can be served now (upstream reachable, model loaded). `/readyz`
+    /// answers 503 while this is false, so a load balancer stops sending sessions here.
+    fn ready(&self) -> bool {
+        true
+    }
+
     /// Open a stream. Called from within a tokio runtime; the engine spawns what it needs.
     ///
     /// # Errors

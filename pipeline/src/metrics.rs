@@ -105,6 +105,10 @@ catalog! {
         "Upstream streams reopened after a transient error, by the engine's status code.");
     STT_REPLAYED = ("voxflow_stt_replayed_audio_seconds", Histogram, ["engine"],
         "Audio sent again into a new upstream stream after a rotation or error, per new stream; the _sum is seconds replayed (billed twice).");
+    BUILD_INFO = ("voxflow_build_info", Gauge, ["version"],
+        "Always 1; the version label names the running build (one value per process).");
+    PROCESS_START = ("voxflow_process_start_time_seconds", Gauge, [],
+        "Unix time at which the process started serving; a change means it restarted.");
 }
 
 /// Why an item was dropped. A closed set: the values of the `reason` label.
@@ -149,6 +153,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Protocol,
+        ErrorKind::Decode,
+        ErrorKind::Overflow,
+        ErrorKind::Engine,
+        ErrorKind::Socket,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Protocol => "protocol",
@@ -171,6 +183,26 @@ pub fn describe() {
             }
             Kind::Histogram => describe_histogram!(def.name, def.help),
         }
+    }
+}
+
+/// Create the fault counters at zero for every value of their closed label sets, so that
+/// `rate()` and alerts see the first drop, error or refusal (a series that first appears at 1
+/// shows no increase).
+pub fn zero_fault_counters() {
+    for stage in crate::stage::ALL {
+        for reason in DropReason::ALL {
+            counter!(STAGE_DROPPED, "stage" => stage, "reason" => reason.as_str()).absolute(0);
+        }
+        for kind in ErrorKind::ALL {
+            counter!(STAGE_ERRORS, "stage" => stage, "error" => kind.as_str()).absolute(0);
+        }
+    }
+    for reason in sessions::CLOSE_REASONS {
+        counter!(SESSIONS_CLOSED, "reason" => reason).absolute(0);
+    }
+    for reason in sessions::REFUSE_REASONS {
+        counter!(SESSIONS_REFUSED, "reason" => reason).absolute(0);
     }
 }
 
@@ -244,19 +276,27 @@ impl StageMetrics {
 pub mod sessions {
     use super::*;
 
+    /// The values of `voxflow_sessions_closed_total`'s `reason` label.
+    pub const CLOSE_REASONS: [&str; 5] = ["normal", "client_gone", "error", "shutdown", "refused"];
+
+    /// The values of `voxflow_sessions_refused_total`'s `reason` label.
+    pub const REFUSE_REASONS: [&str; 4] = ["bad_request", "not_found", "draining", "engine"];
+
     pub fn opened() {
         counter!(SESSIONS_OPENED).increment(1);
         gauge!(SESSIONS_ACTIVE).increment(1.0);
     }
 
-    /// `reason` is one of `normal`, `client_gone`, `error`, `shutdown`.
+    /// `reason` is one of [`CLOSE_REASONS`].
     pub fn closed(reason: &'static str) {
+        debug_assert!(CLOSE_REASONS.contains(&reason), "{reason}");
         counter!(SESSIONS_CLOSED, "reason" => reason).increment(1);
         gauge!(SESSIONS_ACTIVE).decrement(1.0);
     }
 
-    /// `reason` is a closed set named by the caller (`bad_request`, `not_found`, `draining`, …).
+    /// `reason` is one of [`REFUSE_REASONS`].
     pub fn refused(reason: &'static str) {
+        debug_assert!(REFUSE_REASONS.contains(&reason), "{reason}");
         counter!(SESSIONS_REFUSED, "reason" => reason).increment(1);
     }
 
@@ -278,6 +318,20 @@ pub mod sessions {
 
     pub fn vad_gated() -> Histogram {
         histogram!(VAD_GATED)
+    }
+}
+
+/// Process-level metrics, set once at start-up.
+pub mod process {
+    use super::*;
+
+    /// Record the build and the start time. `version` is the binary's own version.
+    pub fn started(version: &'static str) {
+        gauge!(BUILD_INFO, "version" => version).set(1.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        gauge!(PROCESS_START).set(now);
     }
 }
 
@@ -377,7 +431,10 @@ mod tests {
             assert!(!def.name.contains("_ms"), "{}: use seconds", def.name);
             for label in def.labels {
                 assert!(
-                    ["stage", "reason", "error", "code", "kind", "engine"].contains(label),
+                    [
+                        "stage", "reason", "error", "code", "kind", "engine", "version"
+                    ]
+                    .contains(label),
                     "{}: label {label} is not in the closed set",
                     def.name
                 );

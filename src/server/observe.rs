@@ -1,4 +1,8 @@
 //! The observability listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//!
+//! `/healthz` answers 200 while the process serves at all (a liveness probe). `/readyz` answers
+//! 200 only while new sessions would be served: not draining, and the engine says it is ready
+//! (upstream reachable, model loaded); otherwise 503 with the reason in the body.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -33,6 +37,8 @@ pub fn install_recorder() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             pipeline::metrics::describe();
+            pipeline::metrics::zero_fault_counters();
+            pipeline::metrics::process::started(env!("CARGO_PKG_VERSION"));
             handle
         })
         .clone()
@@ -70,14 +76,14 @@ fn respond(path: &str, handle: &PrometheusHandle, shared: &Shared) -> Response<F
     let (status, content_type, body) = match path {
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" if shared.ready.load(Ordering::Relaxed) && !shared.draining.is_cancelled() => {
-            (StatusCode::OK, "text/plain", "ready\n".to_string())
-        }
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "draining\n".to_string(),
-        ),
+        "/readyz" => match not_ready(shared) {
+            None => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                why.to_string(),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -89,4 +95,15 @@ fn respond(path: &str, handle: &PrometheusHandle, shared: &Shared) -> Response<F
         .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
+}
+
+/// Why new sessions should not come here now, if they should not.
+fn not_ready(shared: &Shared) -> Option<&'static str> {
+    if !shared.ready.load(Ordering::Relaxed) || shared.draining.is_cancelled() {
+        Some("draining\n")
+    } else if !shared.engine.ready() {
+        Some("engine not ready\n")
+    } else {
+        None
+    }
 }

@@ -195,7 +195,14 @@ where
             .instrument(span.clone()),
     );
     tokio::spawn(
-        stages::stt::run(stream, stt_in, to_egress, Arc::clone(&session)).instrument(span.clone()),
+        stages::stt::run(
+            stream,
+            shared.engine.name(),
+            stt_in,
+            to_egress,
+            Arc::clone(&session),
+        )
+        .instrument(span.clone()),
     );
 
     let (sink, source) = socket.split();

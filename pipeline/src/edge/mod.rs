@@ -204,7 +204,7 @@ impl<T: AudioLength> EdgeTx<T> {
         let audio_us = item.audio_us();
         self.from.dropped(reason, audio_us);
         self.session.record_drop(audio_us);
-        tracing::debug!(
+        tracing::trace!(
             stage = self.from.stage,
             reason = reason.as_str(),
             audio_us,
