@@ -214,7 +214,7 @@ pub mod sessions {
         gauge!(SESSIONS_ACTIVE).increment(1.0);
     }
 
-    /// `reason` is one of `normal`, `client_gone`, `error`, `shutdown`.
+    /// `reason` is one of `normal`, `client_gone`, `error`, `shutdown`, `max_duration`.
     pub fn closed(reason: &'static str) {
         counter!(SESSIONS_CLOSED, "reason" => reason).increment(1);
         gauge!(SESSIONS_ACTIVE).decrement(1.0);

@@ -248,6 +248,9 @@ pub enum ServerMessage<'a> {
     Error {
         code: &'static str,
         message: &'a str,
+        /// With close 1013: how long the client should wait before reconnecting.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     Closed {
         reason: &'static str,
@@ -278,6 +281,24 @@ mod tests {
             parse(r#"{"type":"audio","content":"AAAA"}"#),
             Ok(ClientMessage::Audio { .. })
         ));
+    }
+
+    #[test]
+    fn a_retry_hint_is_sent_only_when_given() {
+        let with = ServerMessage::Error {
+            code: "overloaded",
+            message: "busy",
+            retry_after_ms: Some(1_000),
+        }
+        .to_json();
+        assert!(with.contains(r#""retry_after_ms":1000"#), "{with}");
+        let without = ServerMessage::Error {
+            code: "invalid_json",
+            message: "bad",
+            retry_after_ms: None,
+        }
+        .to_json();
+        assert!(!without.contains("retry_after_ms"), "{without}");
     }
 
     #[test]

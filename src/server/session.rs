@@ -70,7 +70,7 @@ where
     let first = tokio::select! {
         first = tokio::time::timeout(settings.idle_timeout, socket.next()) => first,
         () = shared.draining.cancelled() => {
-            refuse(&mut socket, &shutting_down()).await;
+            refuse(&mut socket, shared, &shutting_down()).await;
             return "shutdown";
         }
     };
@@ -83,7 +83,7 @@ where
                 message: "no message after connecting".into(),
                 close_code: close_code::POLICY_VIOLATION,
             };
-            refuse(&mut socket, &error).await;
+            refuse(&mut socket, shared, &error).await;
             return "error";
         }
     };
@@ -102,7 +102,7 @@ where
                 (None, Some(first))
             }
             Err(error) => {
-                refuse(&mut socket, &error.to_session_error()).await;
+                refuse(&mut socket, shared, &error.to_session_error()).await;
                 return "error";
             }
         },
@@ -114,7 +114,7 @@ where
         let error = ProtocolError::Violation(
             "send a start message before audio (this server requires one)".into(),
         );
-        refuse(&mut socket, &error.to_session_error()).await;
+        refuse(&mut socket, shared, &error.to_session_error()).await;
         return "error";
     }
     let mut fields = fields.unwrap_or_default();
@@ -122,7 +122,7 @@ where
     let plan = match plan(&session_id, query, fields, shared) {
         Ok(plan) => plan,
         Err(error) => {
-            refuse(&mut socket, &error).await;
+            refuse(&mut socket, shared, &error).await;
             return "error";
         }
     };
@@ -130,7 +130,7 @@ where
         Ok(stream) => stream,
         Err(error) => {
             sessions::refused("engine");
-            refuse(&mut socket, &stages::stt::session_error(&error)).await;
+            refuse(&mut socket, shared, &stages::stt::session_error(&error)).await;
             return "refused";
         }
     };
@@ -164,6 +164,7 @@ where
         (Err(error), _) => {
             refuse(
                 &mut socket,
+                shared,
                 &pipeline::processor::StageError::to_session_error(&error),
             )
             .await;
@@ -172,6 +173,7 @@ where
         (_, Err(error)) => {
             refuse(
                 &mut socket,
+                shared,
                 &pipeline::processor::StageError::to_session_error(&error),
             )
             .await;
@@ -205,7 +207,8 @@ where
         plan.effective,
         settings.write_timeout,
         Arc::clone(&session),
-    );
+    )
+    .with_retry_after(settings.limits.retry_after);
     let mut egress = tokio::spawn(egress.run(egress_in).instrument(span));
     let ingress = Ingress::new(
         plan.format,
@@ -213,8 +216,16 @@ where
         Arc::clone(&session),
         m_ingress.clone(),
     );
+    // Shutdown or the session's time limit: either way ingress stops and the graph drains.
+    let limit = settings.limits.max_session_duration;
+    let stop = async {
+        tokio::select! {
+            () = shared.draining.cancelled() => {}
+            () = tokio::time::sleep(limit) => session.set_time_limit_reached(),
+        }
+    };
     let ended = tokio::select! {
-        end = ingress.run(source, replay, to_decode, shared.draining.cancelled()) => end,
+        end = ingress.run(source, replay, to_decode, stop) => end,
         outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), &session),
     };
     if ended == IngressEnd::ClientGone {
@@ -228,6 +239,7 @@ where
 
 fn reason(outcome: Outcome, session: &SessionShared) -> &'static str {
     match outcome {
+        Outcome::Completed if session.time_limit_reached() => "max_duration",
         Outcome::Completed if session.going_away() => "shutdown",
         Outcome::Completed => "normal",
         Outcome::Failed => "error",
@@ -329,7 +341,7 @@ fn shutting_down() -> SessionError {
 }
 
 /// Tell the client why the session cannot start, and close.
-async fn refuse<S>(socket: &mut WebSocketStream<S>, error: &SessionError)
+async fn refuse<S>(socket: &mut WebSocketStream<S>, shared: &Shared, error: &SessionError)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -338,6 +350,8 @@ where
     let message = ServerMessage::Error {
         code: error.code,
         message: &error.message,
+        retry_after_ms: (error.close_code == close_code::TRY_AGAIN_LATER)
+            .then_some(shared.settings.limits.retry_after.as_millis() as u64),
     }
     .to_json();
     let frame = CloseFrame {
