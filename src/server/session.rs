@@ -76,6 +76,16 @@ where
     };
     let first = match first {
         Ok(Some(Ok(message))) => message,
+        // An oversized first message is refused like any other, not dropped silently.
+        Ok(Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(error)))) => {
+            let error = SessionError {
+                code: "message_too_big",
+                message: error.to_string(),
+                close_code: close_code::MESSAGE_TOO_BIG,
+            };
+            refuse(&mut socket, shared, &error).await;
+            return "error";
+        }
         Ok(Some(Err(_)) | None) => return "client_gone",
         Err(_) => {
             let error = SessionError {
