@@ -656,6 +656,35 @@ mod tests {
         assert!(error.contains("edges.decode.capacity"), "{error}");
     }
 
+    #[test]
+    fn security_settings_are_checked_by_key() {
+        let refused = |toml: &str, key: &str| {
+            let error = Config::from_toml(toml)
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+        };
+        refused("[auth]\nmode = \"api_key\"\n", "auth.api_keys");
+        refused(
+            "[auth]\nmode = \"jwt\"\n[auth.jwt]\nhs256_secret_file = \"s\"\n",
+            "auth.jwt.audiences",
+        );
+        refused(
+            "[auth]\napi_keys = [{ id = \"a\", sha256 = \"ABC\" }]\n",
+            "sha256",
+        );
+        refused("[server.tls]\ncert_path = \"c.pem\"\n", "server.tls");
+        refused("[limits]\nmax_sessions = 0\n", "limits.max_sessions");
+        refused(
+            "[auth]\nallowed_origins = [\"https://a.example/\"]\n",
+            "auth.allowed_origins",
+        );
+        // One mode as a plain string (what an environment variable gives) or a list.
+        let config = Config::from_toml("[auth]\nmode = \"none\"\n").unwrap();
+        assert_eq!(config.auth.mode, vec![AuthMode::None]);
+    }
+
     /// Parse without merging defaults, so a key missing from the file is an error.
     fn toml_only(text: &str) -> Config {
         Figment::from(Toml::string(text)).extract().unwrap()
