@@ -220,7 +220,9 @@ pub mod sessions {
         gauge!(SESSIONS_ACTIVE).decrement(1.0);
     }
 
-    /// `reason` is a closed set named by the caller (`bad_request`, `not_found`, `draining`, …).
+    /// `reason` is a closed set named by the caller: `bad_request`, `not_found`, `draining`,
+    /// `engine`, `capacity`, `per_ip`, `per_key`, `handshake_timeout`, `tls`, `auth_missing`,
+    /// `auth_invalid`, `auth_expired`, `auth_claims`, `origin`.
     pub fn refused(reason: &'static str) {
         counter!(SESSIONS_REFUSED, "reason" => reason).increment(1);
     }
