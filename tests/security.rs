@@ -544,6 +544,17 @@ async fn silent_and_slow_handshakes_are_cut() {
         assert!(String::from_utf8_lossy(&buf[..n]).contains("408"));
     }
     assert_counted(&server, &before, "handshake_timeout").await;
+    // A kept-alive connection idling after a plain request is cut too.
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut response)).await;
+    assert!(read.is_ok(), "the idle connection is closed");
+    assert!(String::from_utf8_lossy(&response).starts_with("HTTP/1.1 200"));
+    assert!(started.elapsed() < Duration::from_secs(2));
     // A prompt client still gets in.
     let _ok = server.connect("").await;
 }
