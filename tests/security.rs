@@ -690,3 +690,38 @@ async fn wss_serves_and_a_new_certificate_does_not_drop_sessions() {
         "no audio lost across the rotation"
     );
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_at_once() {
+    let first = self_signed();
+    let cert_path = temp_file("hup-cert.pem", first.cert_pem.as_bytes());
+    let key_path = temp_file("hup-key.pem", first.key_pem.as_bytes());
+    let mut config = test_config();
+    config.server.tls.cert_path = cert_path.clone();
+    config.server.tls.key_path = key_path.clone();
+    // No polling within the test's lifetime: only the signal can reload.
+    config.server.tls.reload_interval_ms = 3_600_000;
+    let server = start(config).await;
+    assert!(wss_connect(server.addr, &first).await.is_ok());
+    let second = self_signed();
+    std::fs::write(&key_path, second.key_pem.as_bytes()).unwrap();
+    std::fs::write(&cert_path, second.cert_pem.as_bytes()).unwrap();
+    assert!(
+        wss_connect(server.addr, &first).await.is_ok(),
+        "not before the signal"
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rotated = false;
+    for _ in 0..100 {
+        if wss_connect(server.addr, &second).await.is_ok() {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rotated, "SIGHUP loads the new pair");
+}

@@ -125,42 +125,49 @@ pub fn acceptor(store: Arc<CertStore>) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Reload on file change (polled every `interval`) or SIGHUP, until `stop`.
-pub async fn watch(store: Arc<CertStore>, interval: std::time::Duration, stop: CancellationToken) {
+/// Reload on file change (polled every `interval`) or SIGHUP, until `stop`. The SIGHUP handler
+/// is installed when this is called, before the returned future first runs.
+pub fn watch(
+    store: Arc<CertStore>,
+    interval: std::time::Duration,
+    stop: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut seen = store.mtimes();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        #[cfg(unix)]
-        let hup = async {
-            match hangup.as_mut() {
-                Some(signal) => {
-                    signal.recv().await;
+    async move {
+        let mut seen = store.mtimes();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            #[cfg(unix)]
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
                 }
-                None => std::future::pending().await,
+            };
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<()>();
+            let forced = tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => false,
+                () = hup => true,
+            };
+            let now = store.mtimes();
+            if !forced && now == seen {
+                continue;
             }
-        };
-        #[cfg(not(unix))]
-        let hup = std::future::pending::<()>();
-        let forced = tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => false,
-            () = hup => true,
-        };
-        let now = store.mtimes();
-        if !forced && now == seen {
-            continue;
-        }
-        match store.reload() {
-            Ok(()) => {
-                seen = now;
-                tracing::info!(cert = %store.cert_path.display(), "TLS certificate reloaded.");
-            }
-            // Half-written files during a rotation fail here; the next tick tries again.
-            Err(error) => {
-                tracing::warn!(%error, "TLS certificate reload failed; keeping the old one.")
+            match store.reload() {
+                Ok(()) => {
+                    seen = now;
+                    tracing::info!(cert = %store.cert_path.display(), "TLS certificate reloaded.");
+                }
+                // Half-written files during a rotation fail here; the next tick tries again.
+                Err(error) => {
+                    tracing::warn!(%error, "TLS certificate reload failed; keeping the old one.")
+                }
             }
         }
     }
