@@ -725,3 +725,34 @@ async fn sighup_reloads_the_certificate_at_once() {
     }
     assert!(rotated, "SIGHUP loads the new pair");
 }
+
+#[tokio::test]
+async fn a_jwt_subject_holds_at_most_its_sessions() {
+    let mut config = jwt_config(None);
+    config.auth.jwt.max_sessions_per_subject = 1;
+    let server = start(config).await;
+    let mine = format!("Bearer {}", hs256(&good_claims(), HS_SECRET));
+    let theirs = format!(
+        "Bearer {}",
+        hs256(
+            &Claims {
+                sub: "user-2",
+                ..good_claims()
+            },
+            HS_SECRET
+        )
+    );
+    let held = upgrade(server.addr, "", &[("Authorization", &mine)]).await;
+    assert_eq!(held.0, 101);
+    let before = refused(&server).await;
+    let (status, head, _) = upgrade(server.addr, "", &[("Authorization", &mine)]).await;
+    assert_eq!(status, 429, "{head}");
+    assert_counted(&server, &before, "per_key").await;
+    assert_eq!(
+        upgrade(server.addr, "", &[("Authorization", &theirs)])
+            .await
+            .0,
+        101,
+        "another subject is not affected"
+    );
+}
