@@ -263,6 +263,10 @@ pub struct IngressConfig {
     pub max_message_bytes: usize,
     /// A session with no message at all (audio or keepalive) for this long is closed (1008).
     pub idle_timeout_ms: u64,
+    /// Audio a client may send ahead of real time; beyond it ingress stops reading until real
+    /// time catches up (TCP backpressure; nothing is dropped). 0: no pacing (clients may
+    /// upload faster than real time, bounded only by the queues).
+    pub max_burst_ms: u64,
 }
 
 impl Default for IngressConfig {
@@ -270,6 +274,7 @@ impl Default for IngressConfig {
         IngressConfig {
             max_message_bytes: 1 << 20,
             idle_timeout_ms: 30_000,
+            max_burst_ms: 0,
         }
     }
 }
@@ -404,6 +409,8 @@ pub struct Settings {
     pub session: SessionConfig,
     pub max_message_bytes: usize,
     pub idle_timeout: Duration,
+    /// `None`: no pacing.
+    pub max_burst: Option<Duration>,
     pub write_timeout: Duration,
     pub edges: Edges,
     pub vad: VadSettings,
@@ -528,6 +535,8 @@ impl Config {
             session: self.session.clone(),
             max_message_bytes: self.ingress.max_message_bytes,
             idle_timeout: positive("ingress.idle_timeout_ms", self.ingress.idle_timeout_ms)?,
+            max_burst: (self.ingress.max_burst_ms > 0)
+                .then(|| Duration::from_millis(self.ingress.max_burst_ms)),
             write_timeout: positive("egress.write_timeout_ms", self.egress.write_timeout_ms)?,
             edges: Edges {
                 decode: self.edges.decode.validate("decode")?,

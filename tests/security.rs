@@ -756,3 +756,23 @@ async fn a_jwt_subject_holds_at_most_its_sessions() {
         "another subject is not affected"
     );
 }
+
+#[tokio::test]
+async fn a_client_faster_than_real_time_is_paced_not_buffered() {
+    let mut config = test_config();
+    config.ingress.max_burst_ms = 500;
+    let server = start(config).await;
+    let client = server.connect("").await;
+    // Three seconds of audio, sent as fast as the socket takes it.
+    let samples = vec![0i16; 48_000];
+    let started = tokio::time::Instant::now();
+    let result = stream_and_stop(client, &samples).await;
+    let took = started.elapsed();
+    assert_eq!(
+        result.final_samples(),
+        samples.len() as u64,
+        "nothing is lost"
+    );
+    // Read at real time after the first 500 ms: at least 2.5 s for 3 s of audio.
+    assert!(took >= Duration::from_millis(2_400), "took {took:?}");
+}

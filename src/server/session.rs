@@ -225,7 +225,8 @@ where
         settings.idle_timeout,
         Arc::clone(&session),
         m_ingress.clone(),
-    );
+    )
+    .with_max_burst(settings.max_burst);
     // Shutdown or the session's time limit: either way ingress stops and the graph drains.
     let limit = settings.limits.max_session_duration;
     let stop = async {
