@@ -20,6 +20,8 @@ use stages::vad::{VadConfig, VadSettings};
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
     pub session: SessionConfig,
@@ -34,16 +36,170 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address of the WebSocket listener (`ws://LISTEN/v1/stream`).
+    /// Address of the WebSocket listener (`ws://LISTEN/v1/stream`, `wss://` with TLS).
     pub listen: String,
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8080".into(),
+            tls: TlsConfig::default(),
         }
     }
+}
+
+/// `wss://` served directly. Both paths empty: plain `ws://` (behind a terminating proxy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_path: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: String,
+    /// How often the two files are checked for changes; a changed pair is loaded for new
+    /// connections (SIGHUP loads at once). Running sessions keep their connection.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_path: String::new(),
+            key_path: String::new(),
+            reload_interval_ms: 5_000,
+        }
+    }
+}
+
+/// Admission control: what one client, one key, or everyone together may hold.
+/// Every refusal is counted in `voxflow_sessions_refused_total{reason}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Sessions at once, over all clients; beyond it upgrades get HTTP 503 (`capacity`).
+    pub max_sessions: usize,
+    /// Sessions at once from one source IP address; beyond it HTTP 429 (`per_ip`).
+    pub max_sessions_per_ip: usize,
+    /// A session is ended after this long: its finals are sent, then `closed` with reason
+    /// `max_duration` and close 1013 (reconnect to go on).
+    pub max_session_duration_ms: u64,
+    /// A connection must complete its TLS handshake and HTTP upgrade request within this long,
+    /// or it is dropped (`handshake_timeout`): slow or silent clients cannot hold sockets.
+    pub handshake_timeout_ms: u64,
+    /// The wait suggested to refused clients (`Retry-After`, `retry_after_ms`).
+    pub retry_after_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: 1_000,
+            max_sessions_per_ip: 50,
+            max_session_duration_ms: 4 * 3_600_000,
+            handshake_timeout_ms: 5_000,
+            retry_after_ms: 1_000,
+        }
+    }
+}
+
+/// How a credential is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Anyone may connect (credentials, if sent, are still checked).
+    None,
+    /// A static key from `auth.api_keys`.
+    ApiKey,
+    /// A JWT bearer token checked against `auth.jwt`.
+    Jwt,
+}
+
+/// Who may open sessions. Credentials come from `Authorization: Bearer …`, the `token` query
+/// parameter, or a `bearer.…` entry of `Sec-WebSocket-Protocol` (browsers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accepted methods; a credential passes if any listed method accepts it.
+    #[serde(deserialize_with = "one_or_many")]
+    pub mode: Vec<AuthMode>,
+    /// Browser `Origin` values allowed to connect (`https://app.example.com`); empty = any.
+    /// Requests without an `Origin` header (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
+    pub api_keys: Vec<ApiKeyConfig>,
+    pub jwt: JwtConfig,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: vec![AuthMode::None],
+            allowed_origins: Vec::new(),
+            api_keys: Vec::new(),
+            jwt: JwtConfig::default(),
+        }
+    }
+}
+
+/// One static API key. Only its SHA-256 is stored: `printf %s KEY | sha256sum`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A name for logs (never the key).
+    pub id: String,
+    /// Lowercase hex SHA-256 of the key.
+    pub sha256: String,
+    /// Sessions this key may hold at once (0 = only the global limits); beyond it HTTP 429.
+    #[serde(default)]
+    pub max_sessions: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// File holding the HS256 shared secret (empty: HS256 off).
+    pub hs256_secret_file: String,
+    /// JWKS file with the RS256/ES256 public keys (empty: RS256/ES256 off).
+    pub jwks_file: String,
+    /// Accepted `aud` values; a token must name one. Required when `jwt` is a mode.
+    pub audiences: Vec<String>,
+    /// Accepted `iss` values; a token must name one. Required when `jwt` is a mode.
+    pub issuers: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Sessions one `sub` may hold at once (0 = only the global limits).
+    pub max_sessions_per_subject: usize,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            hs256_secret_file: String::new(),
+            jwks_file: String::new(),
+            audiences: Vec::new(),
+            issuers: Vec::new(),
+            leeway_secs: 30,
+            max_sessions_per_subject: 0,
+        }
+    }
+}
+
+/// `mode = "jwt"` or `mode = ["api_key", "jwt"]` (environment variables give the first form).
+fn one_or_many<'de, D>(deserializer: D) -> Result<Vec<AuthMode>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(AuthMode),
+        Many(Vec<AuthMode>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(mode) => vec![mode],
+        OneOrMany::Many(modes) => modes,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +263,10 @@ pub struct IngressConfig {
     pub max_message_bytes: usize,
     /// A session with no message at all (audio or keepalive) for this long is closed (1008).
     pub idle_timeout_ms: u64,
+    /// Audio a client may send ahead of real time; beyond it ingress stops reading until real
+    /// time catches up (TCP backpressure; nothing is dropped). 0: no pacing (clients may
+    /// upload faster than real time, bounded only by the queues).
+    pub max_burst_ms: u64,
 }
 
 impl Default for IngressConfig {
@@ -114,6 +274,7 @@ impl Default for IngressConfig {
         IngressConfig {
             max_message_bytes: 1 << 20,
             idle_timeout_ms: 30_000,
+            max_burst_ms: 0,
         }
     }
 }
@@ -225,15 +386,31 @@ pub struct Edges {
     pub egress: EdgeSettings,
 }
 
+/// Validated admission limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_sessions: usize,
+    pub max_sessions_per_ip: usize,
+    pub max_session_duration: Duration,
+    pub handshake_timeout: Duration,
+    pub retry_after: Duration,
+}
+
 /// Everything the server needs, typed and checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// `None`: plain `ws://`.
+    pub tls: Option<TlsConfig>,
+    pub limits: Limits,
+    pub auth: AuthConfig,
     pub metrics_listen: SocketAddr,
     pub grace_period: Duration,
     pub session: SessionConfig,
     pub max_message_bytes: usize,
     pub idle_timeout: Duration,
+    /// `None`: no pacing.
+    pub max_burst: Option<Duration>,
     pub write_timeout: Duration,
     pub edges: Edges,
     pub vad: VadSettings,
@@ -318,13 +495,53 @@ impl Config {
                 Ok(Duration::from_millis(ms))
             }
         };
+        let tls = &self.server.tls;
+        let tls = match (tls.cert_path.is_empty(), tls.key_path.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                positive("server.tls.reload_interval_ms", tls.reload_interval_ms)?;
+                Some(tls.clone())
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "server.tls needs both cert_path and key_path (or neither)".into(),
+                ));
+            }
+        };
+        let limits = &self.limits;
+        let count = |key: &str, n: usize| {
+            if n == 0 {
+                Err(ConfigError::Invalid(format!("{key} must be positive")))
+            } else {
+                Ok(n)
+            }
+        };
+        let limits = Limits {
+            max_sessions: count("limits.max_sessions", limits.max_sessions)?,
+            max_sessions_per_ip: count("limits.max_sessions_per_ip", limits.max_sessions_per_ip)?,
+            max_session_duration: positive(
+                "limits.max_session_duration_ms",
+                limits.max_session_duration_ms,
+            )?,
+            handshake_timeout: positive(
+                "limits.handshake_timeout_ms",
+                limits.handshake_timeout_ms,
+            )?,
+            retry_after: Duration::from_millis(limits.retry_after_ms),
+        };
+        self.validate_auth()?;
         Ok(Settings {
             listen: addr("server.listen", &self.server.listen)?,
+            tls,
+            limits,
+            auth: self.auth.clone(),
             metrics_listen: addr("metrics.listen", &self.metrics.listen)?,
             grace_period: Duration::from_millis(self.shutdown.grace_period_ms),
             session: self.session.clone(),
             max_message_bytes: self.ingress.max_message_bytes,
             idle_timeout: positive("ingress.idle_timeout_ms", self.ingress.idle_timeout_ms)?,
+            max_burst: (self.ingress.max_burst_ms > 0)
+                .then(|| Duration::from_millis(self.ingress.max_burst_ms)),
             write_timeout: positive("egress.write_timeout_ms", self.egress.write_timeout_ms)?,
             edges: Edges {
                 decode: self.edges.decode.validate("decode")?,
@@ -344,6 +561,62 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?,
             stt: self.stt.clone(),
         })
+    }
+}
+
+impl Config {
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if auth.mode.is_empty() {
+            return invalid("auth.mode must name at least one of none, api_key, jwt".into());
+        }
+        if auth.mode.contains(&AuthMode::ApiKey) && auth.api_keys.is_empty() {
+            return invalid("auth.mode includes api_key but auth.api_keys is empty".into());
+        }
+        let mut ids = std::collections::HashSet::new();
+        for key in &auth.api_keys {
+            let hex_ok = key.sha256.len() == 64
+                && key
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex_ok {
+                return invalid(format!(
+                    "auth.api_keys[{:?}].sha256 must be 64 lowercase hex digits",
+                    key.id
+                ));
+            }
+            if key.id.is_empty() || !ids.insert(key.id.as_str()) {
+                return invalid(format!(
+                    "auth.api_keys ids must be unique and non-empty ({:?})",
+                    key.id
+                ));
+            }
+        }
+        let jwt = &auth.jwt;
+        if auth.mode.contains(&AuthMode::Jwt) {
+            if jwt.hs256_secret_file.is_empty() && jwt.jwks_file.is_empty() {
+                return invalid(
+                    "auth.mode includes jwt but neither auth.jwt.hs256_secret_file nor \
+                     auth.jwt.jwks_file is set"
+                        .into(),
+                );
+            }
+            if jwt.audiences.is_empty() || jwt.issuers.is_empty() {
+                return invalid(
+                    "auth.mode includes jwt: set auth.jwt.audiences and auth.jwt.issuers".into(),
+                );
+            }
+        }
+        for origin in &auth.allowed_origins {
+            if origin.ends_with('/') || !origin.contains("://") {
+                return invalid(format!(
+                    "auth.allowed_origins: {origin:?} must look like https://host[:port]"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -395,6 +668,35 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("edges.decode.capacity"), "{error}");
+    }
+
+    #[test]
+    fn security_settings_are_checked_by_key() {
+        let refused = |toml: &str, key: &str| {
+            let error = Config::from_toml(toml)
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+        };
+        refused("[auth]\nmode = \"api_key\"\n", "auth.api_keys");
+        refused(
+            "[auth]\nmode = \"jwt\"\n[auth.jwt]\nhs256_secret_file = \"s\"\n",
+            "auth.jwt.audiences",
+        );
+        refused(
+            "[auth]\napi_keys = [{ id = \"a\", sha256 = \"ABC\" }]\n",
+            "sha256",
+        );
+        refused("[server.tls]\ncert_path = \"c.pem\"\n", "server.tls");
+        refused("[limits]\nmax_sessions = 0\n", "limits.max_sessions");
+        refused(
+            "[auth]\nallowed_origins = [\"https://a.example/\"]\n",
+            "auth.allowed_origins",
+        );
+        // One mode as a plain string (what an environment variable gives) or a list.
+        let config = Config::from_toml("[auth]\nmode = \"none\"\n").unwrap();
+        assert_eq!(config.auth.mode, vec![AuthMode::None]);
     }
 
     /// Parse without merging defaults, so a key missing from the file is an error.

@@ -151,6 +151,8 @@ async fn close_policy_ends_the_session_with_1013() {
     let result = client.collect().await;
     assert_eq!(result.error_code(), Some("overloaded"));
     assert_eq!(result.close_code(), Some(1013));
+    // 1013 means "try again later": the error says when.
+    assert_eq!(result.of_type("error")[0]["retry_after_ms"], 1_000);
     assert_eq!(
         result.dropped_ms(),
         0,

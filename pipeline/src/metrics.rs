@@ -277,10 +277,26 @@ pub mod sessions {
     use super::*;
 
     /// The values of `voxflow_sessions_closed_total`'s `reason` label.
-    pub const CLOSE_REASONS: [&str; 5] = ["normal", "client_gone", "error", "shutdown", "refused"];
+    pub const CLOSE_REASONS: [&str; 6] =
+        ["normal", "client_gone", "error", "shutdown", "refused", "max_duration"];
 
     /// The values of `voxflow_sessions_refused_total`'s `reason` label.
-    pub const REFUSE_REASONS: [&str; 4] = ["bad_request", "not_found", "draining", "engine"];
+    pub const REFUSE_REASONS: [&str; 14] = [
+        "bad_request",
+        "not_found",
+        "draining",
+        "engine",
+        "capacity",
+        "per_ip",
+        "per_key",
+        "handshake_timeout",
+        "tls",
+        "auth_missing",
+        "auth_invalid",
+        "auth_expired",
+        "auth_claims",
+        "origin",
+    ];
 
     pub fn opened() {
         counter!(SESSIONS_OPENED).increment(1);

@@ -277,6 +277,9 @@ pub enum ServerMessage<'a> {
     Error {
         code: &'static str,
         message: &'a str,
+        /// With close 1013: how long the client should wait before reconnecting.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     Closed {
         reason: &'static str,
@@ -307,6 +310,24 @@ mod tests {
             parse(r#"{"type":"audio","content":"AAAA"}"#),
             Ok(ClientMessage::Audio { .. })
         ));
+    }
+
+    #[test]
+    fn a_retry_hint_is_sent_only_when_given() {
+        let with = ServerMessage::Error {
+            code: "overloaded",
+            message: "busy",
+            retry_after_ms: Some(1_000),
+        }
+        .to_json();
+        assert!(with.contains(r#""retry_after_ms":1000"#), "{with}");
+        let without = ServerMessage::Error {
+            code: "invalid_json",
+            message: "bad",
+            retry_after_ms: None,
+        }
+        .to_json();
+        assert!(!without.contains("retry_after_ms"), "{without}");
     }
 
     #[test]
@@ -366,5 +387,120 @@ mod tests {
     fn server_messages_are_tagged() {
         let json = ServerMessage::Closed { reason: "stop" }.to_json();
         assert_eq!(json, r#"{"type":"closed","reason":"stop"}"#);
+    }
+}
+
+/// Property tests: the parser takes any text a client could send without panicking, and what it
+/// returns is never larger than what it was given.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const KEYS: [&str; 16] = [
+        "type",
+        "audio_id",
+        "content",
+        "encoding",
+        "sample_rate_hertz",
+        "audio_channel_count",
+        "language_code",
+        "alternative_language_codes",
+        "model",
+        "interim_results",
+        "enable_automatic_punctuation",
+        "profanity_filter",
+        "enable_word_time_offsets",
+        "phrase_hints",
+        "sample_rate",
+        "",
+    ];
+
+    /// JSON values of every kind, nested a little.
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            prop::sample::select(vec![
+                "start",
+                "audio",
+                "stop",
+                "finalize",
+                "keepalive",
+                "AAAA"
+            ])
+            .prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(".{0,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Objects built mostly from the protocol's own keys, so parsing gets past the JSON layer.
+    fn message() -> impl Strategy<Value = String> {
+        prop::collection::btree_map(prop::sample::select(KEYS.to_vec()), value(), 0..6).prop_map(
+            |fields| {
+                serde_json::Value::Object(
+                    fields
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                )
+                .to_string()
+            },
+        )
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        match parse(text) {
+            Ok(ClientMessage::Audio { audio_id, content }) => {
+                prop_assert!(content.len() <= text.len());
+                prop_assert!(audio_id.is_none_or(|id| id.len() <= text.len()));
+            }
+            Ok(_) => {}
+            // Every error maps to a documented code and close code.
+            Err(error) => {
+                let session = error.to_session_error();
+                prop_assert!(!session.code.is_empty());
+                prop_assert!((1000..=1015).contains(&session.close_code));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,300}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn protocol_shaped_json_never_panics(text in message()) {
+            check(&text)?;
+        }
+
+        #[test]
+        fn truncated_messages_never_panic(text in message(), cut in any::<prop::sample::Index>()) {
+            let mut end = cut.index(text.len() + 1);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            check(&text[..end])?;
+        }
+
+        #[test]
+        fn any_encoding_name_is_parsed_or_refused(name in ".{0,20}") {
+            let _ = parse_encoding(&name);
+        }
     }
 }

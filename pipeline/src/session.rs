@@ -37,6 +37,7 @@ pub struct SessionShared {
     fatal: Mutex<Option<SessionError>>,
     notify: Notify,
     going_away: AtomicBool,
+    time_limit: AtomicBool,
 }
 
 impl SessionShared {
@@ -80,6 +81,16 @@ impl SessionShared {
 
     pub fn going_away(&self) -> bool {
         self.going_away.load(Ordering::Relaxed)
+    }
+
+    /// Mark the session as ending because it reached its maximum duration: it drains like a
+    /// shutdown, but the client is told `max_duration` and may reconnect at once.
+    pub fn set_time_limit_reached(&self) {
+        self.time_limit.store(true, Ordering::Relaxed);
+    }
+
+    pub fn time_limit_reached(&self) -> bool {
+        self.time_limit.load(Ordering::Relaxed)
     }
 
     /// Resolves after the next drop or failure (or at once if one happened since the last call).

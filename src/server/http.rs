@@ -10,10 +10,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use pipeline::metrics::sessions;
 use pipeline::protocol::StartFields;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -25,16 +27,48 @@ pub const STREAM_PATH: &str = "/v1/stream";
 /// The demo page: microphone capture, live partials and finals, session stats.
 const DEMO_PAGE: &str = include_str!("demo/index.html");
 
-pub(super) async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Complete the TLS handshake within the handshake timeout, then serve HTTP on it.
+pub(super) async fn serve_tls(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let limit = shared.settings.limits.handshake_timeout;
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(stream, peer, shared).await,
+        Ok(Err(error)) => {
+            sessions::refused("tls");
+            tracing::debug!(%peer, %error, "TLS handshake failed.");
+        }
+        Err(_) => {
+            sessions::refused("handshake_timeout");
+            tracing::debug!(%peer, "TLS handshake timed out.");
+        }
+    }
+}
+
+/// HTTP/1.1 on one connection. Each request head must arrive within the handshake timeout
+/// (slowloris), so no connection idles here for longer.
+pub(super) async fn serve_connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limit = shared.settings.limits.handshake_timeout;
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(route(request, peer, shared)) }
     });
     let connection = http1::Builder::new()
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), service)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limit)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(error) = connection.await {
+        if error.is_timeout() {
+            sessions::refused("handshake_timeout");
+        }
         tracing::debug!(%peer, %error, "HTTP connection ended with an error.");
     }
 }
@@ -83,11 +117,56 @@ fn upgrade(
             "expected a WebSocket upgrade (version 13)\n",
         );
     };
-    let query = match parse_query(request.uri().query().unwrap_or("")) {
+    let raw_query = request.uri().query().unwrap_or("");
+    let query = match parse_query(raw_query) {
         Ok(query) => query,
         Err(message) => {
             sessions::refused("bad_request");
             return text(StatusCode::BAD_REQUEST, &format!("{message}\n"));
+        }
+    };
+    let grant = match shared.auth.check(request.headers(), raw_query) {
+        Ok(grant) => grant,
+        Err(failure) => {
+            sessions::refused(failure.as_str());
+            tracing::info!(%peer, reason = failure.as_str(), "Upgrade refused.");
+            let status = if failure == super::auth::AuthFailure::Origin {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            let mut response = text(status, failure.message());
+            if status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            return response;
+        }
+    };
+    let permit = match shared.admission.admit(peer.ip(), grant.quota.clone()) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            sessions::refused(refusal.as_str());
+            tracing::info!(%peer, reason = refusal.as_str(), "Upgrade refused: at a limit.");
+            let status = if refusal == super::admission::Refusal::Capacity {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            };
+            let mut response = text(status, &format!("{}: retry later\n", refusal.as_str()));
+            let retry_secs = shared
+                .settings
+                .limits
+                .retry_after
+                .as_millis()
+                .div_ceil(1000);
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                http::HeaderValue::from(retry_secs as u64),
+            );
+            return response;
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
@@ -98,6 +177,7 @@ fn upgrade(
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024);
     let tracker = shared.tracker.clone();
+    tracing::debug!(%peer, method = grant.method, key = grant.key_id.as_deref().unwrap_or(""), "Upgrade accepted.");
     tracker.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -108,11 +188,12 @@ fn upgrade(
                 )
                 .await;
                 super::session::run(socket, query, peer, shared).await;
+                drop(permit);
             }
             Err(error) => tracing::debug!(%peer, %error, "Upgrade failed."),
         }
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
@@ -121,7 +202,13 @@ fn upgrade(
             derive_accept_key(key.as_bytes()),
         )
         .body(Full::new(Bytes::new()))
-        .expect("static response parts are valid")
+        .expect("static response parts are valid");
+    if let Some(protocol) = grant.subprotocol {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -166,6 +253,8 @@ pub fn parse_query(query: &str) -> Result<StartFields, String> {
             "profanity_filter" => fields.profanity_filter = Some(flag(&value)?),
             "enable_word_time_offsets" => fields.enable_word_time_offsets = Some(flag(&value)?),
             "phrase_hints" => fields.phrase_hints = Some(list(&value)),
+            // A credential: read by `auth`, never echoed or logged.
+            "token" => {}
             other => return Err(format!("unknown query parameter {other:?}")),
         }
     }

@@ -4,9 +4,12 @@
 //! anything else gets a plain HTTP answer. Shutdown stops accepting, lets running sessions
 //! drain (they send their last finals and close with 1001) for the grace period, then returns.
 
+mod admission;
+mod auth;
 mod http;
 mod observe;
 mod session;
+mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,13 +33,16 @@ pub(crate) struct Shared {
     pub draining: CancellationToken,
     pub tracker: TaskTracker,
     pub ready: AtomicBool,
+    pub admission: Arc<admission::Admission>,
+    pub auth: auth::Auth,
 }
 
 /// A voxflow server bound to its listeners.
 pub struct Server {
     listener: TcpListener,
     metrics_listener: TcpListener,
-    shared: Arc<Shared>,
+    settings: Settings,
+    engine: Arc<dyn SttEngine>,
 }
 
 impl Server {
@@ -71,17 +77,11 @@ impl Server {
         listener: TcpListener,
         metrics_listener: TcpListener,
     ) -> Server {
-        let shared = Arc::new(Shared {
-            settings,
-            engine,
-            draining: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            ready: AtomicBool::new(true),
-        });
         Server {
             listener,
             metrics_listener,
-            shared,
+            settings,
+            engine,
         }
     }
 
@@ -96,13 +96,41 @@ impl Server {
     /// Serve until `shutdown` resolves, then drain within the grace period.
     ///
     /// # Errors
-    /// When the listener fails for good.
+    /// When a key or certificate file cannot be loaded, or the listener fails for good.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Server {
             listener,
             metrics_listener,
-            shared,
+            settings,
+            engine,
         } = self;
+        let auth = auth::Auth::load(&settings.auth)?;
+        let certs = settings
+            .tls
+            .as_ref()
+            .map(|tls| Ok::<_, anyhow::Error>((tls::CertStore::load(tls)?, tls.reload_interval_ms)))
+            .transpose()?;
+        let acceptor = certs
+            .as_ref()
+            .map(|(store, _)| tls::acceptor(Arc::clone(store)))
+            .transpose()?;
+        let shared = Arc::new(Shared {
+            admission: admission::Admission::new(settings.limits),
+            auth,
+            settings,
+            engine,
+            draining: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            ready: AtomicBool::new(true),
+        });
+        if let Some((store, interval_ms)) = certs {
+            tokio::spawn(tls::watch(
+                store,
+                std::time::Duration::from_millis(interval_ms),
+                shared.draining.clone(),
+            ));
+        }
+        let scheme = if acceptor.is_some() { "wss" } else { "ws" };
         let handle = install_recorder();
         let observer = tokio::spawn(observe::serve(
             metrics_listener,
@@ -112,7 +140,7 @@ impl Server {
         tracing::info!(
             listen = %listener.local_addr()?,
             engine = shared.engine.name(),
-            "voxflow is serving ws://{}/v1/stream",
+            "voxflow is serving {scheme}://{}/v1/stream",
             listener.local_addr()?
         );
         tokio::pin!(shutdown);
@@ -123,7 +151,14 @@ impl Server {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         let shared2 = Arc::clone(&shared);
-                        shared.tracker.spawn(http::serve_connection(stream, peer, shared2));
+                        match &acceptor {
+                            None => {
+                                shared.tracker.spawn(http::serve_connection(stream, peer, shared2));
+                            }
+                            Some(acceptor) => {
+                                shared.tracker.spawn(http::serve_tls(acceptor.clone(), stream, peer, shared2));
+                            }
+                        }
                     }
                     // Out of file descriptors and the like: keep serving the sessions we have.
                     Err(error) => {

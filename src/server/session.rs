@@ -70,12 +70,22 @@ where
     let first = tokio::select! {
         first = tokio::time::timeout(settings.idle_timeout, socket.next()) => first,
         () = shared.draining.cancelled() => {
-            refuse(&mut socket, &shutting_down()).await;
+            refuse(&mut socket, shared, &shutting_down()).await;
             return "shutdown";
         }
     };
     let first = match first {
         Ok(Some(Ok(message))) => message,
+        // An oversized first message is refused like any other, not dropped silently.
+        Ok(Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(error)))) => {
+            let error = SessionError {
+                code: "message_too_big",
+                message: error.to_string(),
+                close_code: close_code::MESSAGE_TOO_BIG,
+            };
+            refuse(&mut socket, shared, &error).await;
+            return "error";
+        }
         Ok(Some(Err(_)) | None) => return "client_gone",
         Err(_) => {
             let error = SessionError {
@@ -83,7 +93,7 @@ where
                 message: "no message after connecting".into(),
                 close_code: close_code::POLICY_VIOLATION,
             };
-            refuse(&mut socket, &error).await;
+            refuse(&mut socket, shared, &error).await;
             return "error";
         }
     };
@@ -102,7 +112,7 @@ where
                 (None, Some(first))
             }
             Err(error) => {
-                refuse(&mut socket, &error.to_session_error()).await;
+                refuse(&mut socket, shared, &error.to_session_error()).await;
                 return "error";
             }
         },
@@ -114,7 +124,7 @@ where
         let error = ProtocolError::Violation(
             "send a start message before audio (this server requires one)".into(),
         );
-        refuse(&mut socket, &error.to_session_error()).await;
+        refuse(&mut socket, shared, &error.to_session_error()).await;
         return "error";
     }
     let mut fields = fields.unwrap_or_default();
@@ -122,7 +132,7 @@ where
     let plan = match plan(&session_id, query, fields, shared) {
         Ok(plan) => plan,
         Err(error) => {
-            refuse(&mut socket, &error).await;
+            refuse(&mut socket, shared, &error).await;
             return "error";
         }
     };
@@ -130,7 +140,7 @@ where
         Ok(stream) => stream,
         Err(error) => {
             sessions::refused("engine");
-            refuse(&mut socket, &stages::stt::session_error(&error)).await;
+            refuse(&mut socket, shared, &stages::stt::session_error(&error)).await;
             return "refused";
         }
     };
@@ -164,6 +174,7 @@ where
         (Err(error), _) => {
             refuse(
                 &mut socket,
+                shared,
                 &pipeline::processor::StageError::to_session_error(&error),
             )
             .await;
@@ -172,6 +183,7 @@ where
         (_, Err(error)) => {
             refuse(
                 &mut socket,
+                shared,
                 &pipeline::processor::StageError::to_session_error(&error),
             )
             .await;
@@ -212,16 +224,26 @@ where
         plan.effective,
         settings.write_timeout,
         Arc::clone(&session),
-    );
+    )
+    .with_retry_after(settings.limits.retry_after);
     let mut egress = tokio::spawn(egress.run(egress_in).instrument(span));
     let ingress = Ingress::new(
         plan.format,
         settings.idle_timeout,
         Arc::clone(&session),
         m_ingress.clone(),
-    );
+    )
+    .with_max_burst(settings.max_burst);
+    // Shutdown or the session's time limit: either way ingress stops and the graph drains.
+    let limit = settings.limits.max_session_duration;
+    let stop = async {
+        tokio::select! {
+            () = shared.draining.cancelled() => {}
+            () = tokio::time::sleep(limit) => session.set_time_limit_reached(),
+        }
+    };
     let ended = tokio::select! {
-        end = ingress.run(source, replay, to_decode, shared.draining.cancelled()) => end,
+        end = ingress.run(source, replay, to_decode, stop) => end,
         outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), &session),
     };
     if ended == IngressEnd::ClientGone {
@@ -235,6 +257,7 @@ where
 
 fn reason(outcome: Outcome, session: &SessionShared) -> &'static str {
     match outcome {
+        Outcome::Completed if session.time_limit_reached() => "max_duration",
         Outcome::Completed if session.going_away() => "shutdown",
         Outcome::Completed => "normal",
         Outcome::Failed => "error",
@@ -336,7 +359,7 @@ fn shutting_down() -> SessionError {
 }
 
 /// Tell the client why the session cannot start, and close.
-async fn refuse<S>(socket: &mut WebSocketStream<S>, error: &SessionError)
+async fn refuse<S>(socket: &mut WebSocketStream<S>, shared: &Shared, error: &SessionError)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -345,6 +368,8 @@ where
     let message = ServerMessage::Error {
         code: error.code,
         message: &error.message,
+        retry_after_ms: (error.close_code == close_code::TRY_AGAIN_LATER)
+            .then_some(shared.settings.limits.retry_after.as_millis() as u64),
     }
     .to_json();
     let frame = CloseFrame {

@@ -134,3 +134,110 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(Decode::new(format(Encoding::Linear16, 16_000, 3)).is_err());
     assert!(out.is_empty());
 }
+
+/// Property tests: any bytes, in any declared format, as binary or base64 — never a panic, and
+/// never more samples than the input can carry.
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const ENCODINGS: [Encoding; 5] = [
+        Encoding::Linear16,
+        Encoding::Opus,
+        Encoding::Mulaw,
+        Encoding::Alaw,
+        Encoding::Float32,
+    ];
+
+    fn valid_format() -> impl Strategy<Value = AudioFormat> {
+        (
+            0..ENCODINGS.len(),
+            prop::sample::select(vec![8_000u32, 12_000, 16_000, 24_000, 48_000]),
+            1u16..=2,
+        )
+            .prop_map(|(e, rate, channels)| format(ENCODINGS[e], rate, channels))
+    }
+
+    /// Most samples `bytes` decoded bytes can yield, mono, in `format`.
+    fn bound(format: AudioFormat, bytes: usize) -> usize {
+        match format.encoding.bytes_per_sample() {
+            Some(size) => bytes / size / usize::from(format.channels),
+            None => OPUS_MAX_SAMPLES,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_format_is_checked_not_trusted(e in 0..ENCODINGS.len(), rate: u32, channels: u16) {
+            let format = format(ENCODINGS[e], rate, channels);
+            let ok = ENCODINGS[e].supports_rate(rate) && (1..=2).contains(&channels);
+            prop_assert_eq!(Decode::new(format).is_ok(), ok);
+        }
+
+        #[test]
+        fn binary_garbage_never_panics_and_output_is_bounded(
+            format in valid_format(),
+            frames in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..2_000), 1..8),
+        ) {
+            let mut decode = Decode::new(format).unwrap();
+            let mut position = 0u64;
+            for bytes in frames {
+                let len = bytes.len();
+                let mut out = Vec::new();
+                if decode.process(binary(bytes), &mut out).is_ok() {
+                    let samples: usize = out.iter().map(|f| f.samples.len()).sum();
+                    prop_assert!(samples <= bound(format, len));
+                    for frame in &out {
+                        prop_assert_eq!(frame.start_sample, position);
+                        position = frame.end_sample();
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn base64_garbage_never_panics_and_output_is_bounded(
+            format in valid_format(),
+            text in "[A-Za-z0-9+/=@ -]{0,3000}",
+        ) {
+            let mut decode = Decode::new(format).unwrap();
+            let len = text.len();
+            let payload = Payload {
+                data: PayloadData::Base64(Bytes::from(text)),
+                audio_us: 0,
+            };
+            let mut out = Vec::new();
+            if decode.process(payload, &mut out).is_ok() {
+                let samples: usize = out.iter().map(|f| f.samples.len()).sum();
+                prop_assert!(samples <= bound(format, len * 3 / 4 + 3));
+            }
+        }
+
+        #[test]
+        fn base64_of_any_bytes_decodes_like_the_bytes(
+            format in valid_format(),
+            bytes in prop::collection::vec(any::<u8>(), 0..2_000),
+        ) {
+            // Opus decoders keep state between packets: compare fresh decoders.
+            let text = BASE64.encode(&bytes);
+            let mut a = Decode::new(format).unwrap();
+            let mut b = Decode::new(format).unwrap();
+            let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+            let ra = a.process(binary(bytes), &mut out_a).is_ok();
+            let rb = b
+                .process(
+                    Payload {
+                        data: PayloadData::Base64(Bytes::from(text)),
+                        audio_us: 0,
+                    },
+                    &mut out_b,
+                )
+                .is_ok();
+            prop_assert_eq!(ra, rb);
+            prop_assert_eq!(out_a, out_b);
+        }
+    }
+}

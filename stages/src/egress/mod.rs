@@ -40,6 +40,7 @@ pub struct Egress<S> {
     write_timeout: Duration,
     session: Arc<SessionShared>,
     reported_us: u64,
+    retry_after_ms: u64,
     interim: pipeline::metrics::Counter,
     finals: pipeline::metrics::Counter,
 }
@@ -64,9 +65,16 @@ where
             write_timeout,
             session,
             reported_us: 0,
+            retry_after_ms: 1_000,
             interim: sessions::transcripts(false),
             finals: sessions::transcripts(true),
         }
+    }
+
+    /// The wait suggested with errors that close with 1013 (try again later).
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Egress<S> {
+        self.retry_after_ms = retry_after.as_millis() as u64;
+        self
     }
 
     /// Run until the transcripts end or the session fails.
@@ -117,7 +125,9 @@ where
         match self.report().await {
             Ok(Some(outcome)) => outcome,
             Ok(None) => {
-                let (reason, code) = if self.session.going_away() {
+                let (reason, code) = if self.session.time_limit_reached() {
+                    ("max_duration", close_code::TRY_AGAIN_LATER)
+                } else if self.session.going_away() {
                     ("shutdown", close_code::GOING_AWAY)
                 } else {
                     ("stop", close_code::NORMAL)
@@ -155,6 +165,8 @@ where
         let message = ServerMessage::Error {
             code: error.code,
             message: &error.message,
+            retry_after_ms: (error.close_code == close_code::TRY_AGAIN_LATER)
+                .then_some(self.retry_after_ms),
         }
         .to_json();
         self.write(message).await?;

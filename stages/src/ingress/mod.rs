@@ -6,9 +6,11 @@
 //! shutdown, or the end of the socket ends it; ending drops its output, so the rest of the graph
 //! flushes and finishes. Bad input fails the session with the documented code; it never panics.
 //! While decode's queue is full, ingress stops reading: backpressure reaches the client's TCP
-//! socket.
+//! socket. With a maximum burst set, it also stops reading while the client is further ahead of
+//! real time than the burst allows, so a client cannot push audio faster than it is spoken.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +46,10 @@ pub struct Ingress {
     idle_timeout: Duration,
     session: Arc<SessionShared>,
     metrics: StageMetrics,
+    /// Audio a client may send ahead of real time before ingress stops reading; `None`: any.
+    max_burst: Option<Duration>,
+    /// Audio received so far, in microseconds (estimated as for [`Payload::audio_us`]).
+    received_us: AtomicU64,
 }
 
 impl Ingress {
@@ -58,7 +64,22 @@ impl Ingress {
             idle_timeout,
             session,
             metrics,
+            max_burst: None,
+            received_us: AtomicU64::new(0),
         }
+    }
+
+    /// Pace the client to real time plus `max_burst` of audio (`None`: no pacing).
+    pub fn with_max_burst(mut self, max_burst: Option<Duration>) -> Ingress {
+        self.max_burst = max_burst;
+        self
+    }
+
+    /// How long to stop reading so the client is at most `max_burst` ahead of real time.
+    fn ahead_of_real_time(&self, began: Instant) -> Option<Duration> {
+        let burst = self.max_burst?;
+        let received = Duration::from_micros(self.received_us.load(Ordering::Relaxed));
+        received.checked_sub(began.elapsed() + burst)
     }
 
     /// Read the socket until `stop`, shutdown, failure or disconnect. `first` is a message the
@@ -74,6 +95,7 @@ impl Ingress {
         S: Stream<Item = Result<Message, WsError>> + Unpin,
     {
         tokio::pin!(shutdown);
+        let began = Instant::now();
         if let Some(message) = first
             && let Some(end) = self.handle(message, &output).await
         {
@@ -127,6 +149,17 @@ impl Ingress {
             };
             if let Some(end) = self.handle(message, &output).await {
                 return end;
+            }
+            if let Some(wait) = self.ahead_of_real_time(began) {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => {
+                        self.session.set_going_away();
+                        return IngressEnd::Shutdown;
+                    }
+                    // The client was not idle: it was held back.
+                    () = tokio::time::sleep(wait) => last_message = Instant::now(),
+                }
             }
         }
     }
@@ -184,7 +217,11 @@ impl Ingress {
             .processing
             .record(started.elapsed().as_secs_f64());
         let sent = match flow {
-            Flow::Data(payload) => output.send_data(payload).await,
+            Flow::Data(payload) => {
+                self.received_us
+                    .fetch_add(payload.audio_us, Ordering::Relaxed);
+                output.send_data(payload).await
+            }
             Flow::Finalize => output.send_finalize().await,
         };
         match sent {
