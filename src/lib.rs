@@ -19,8 +19,8 @@
 pub mod client;
 pub mod config;
 pub mod emulator;
-pub mod models;
 pub mod logging;
+pub mod models;
 pub mod server;
 
 pub use config::{Config, Settings};

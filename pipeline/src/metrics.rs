@@ -277,8 +277,14 @@ pub mod sessions {
     use super::*;
 
     /// The values of `voxflow_sessions_closed_total`'s `reason` label.
-    pub const CLOSE_REASONS: [&str; 6] =
-        ["normal", "client_gone", "error", "shutdown", "refused", "max_duration"];
+    pub const CLOSE_REASONS: [&str; 6] = [
+        "normal",
+        "client_gone",
+        "error",
+        "shutdown",
+        "refused",
+        "max_duration",
+    ];
 
     /// The values of `voxflow_sessions_refused_total`'s `reason` label.
     pub const REFUSE_REASONS: [&str; 14] = [
