@@ -173,6 +173,9 @@ fn upgrade(
     let config = WebSocketConfig::default()
         .max_message_size(Some(shared.settings.max_message_bytes))
         .max_frame_size(Some(shared.settings.max_message_bytes))
+        // tungstenite reads into a 128 KiB buffer by default, which dominated an idle session's
+        // memory. Audio frames are a few KiB; the buffer grows for larger messages.
+        .read_buffer_size(8 * 1024)
         // Small write buffers: a slow reader must push back, not make the server buffer for it.
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024);
