@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::{SinkExt, StreamExt};
 use pipeline::edge::edge;
 use pipeline::metrics::{StageMetrics, sessions};
-use pipeline::processor::run_processor;
+use pipeline::processor::{StageError, run_processor};
 use pipeline::protocol::{
     self, ClientMessage, EffectiveConfig, ProtocolError, ServerMessage, StartFields,
 };
@@ -136,6 +136,23 @@ where
             return "error";
         }
     };
+    // Each stage checks its input format as it is built, before any audio flows.
+    let rate = settings.stt.sample_rate_hz;
+    let built = Decode::new(plan.format)
+        .map_err(|e| StageError::to_session_error(&e))
+        .and_then(|decode| {
+            Resample::new(plan.format.sample_rate_hz, rate)
+                .map(|resample| (decode, resample))
+                .map_err(|e| StageError::to_session_error(&e))
+        });
+    let (decode, resample) = match built {
+        Ok(stages) => stages,
+        Err(error) => {
+            refuse(&mut socket, shared, &error).await;
+            return "error";
+        }
+    };
+
     let stream = match shared.engine.open(plan.stream.clone()) {
         Ok(stream) => stream,
         Err(error) => {
@@ -165,31 +182,6 @@ where
     let (to_stt, stt_in) = edge(edges.stt, m_batch, m_stt, &session);
     let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
 
-    let rate = settings.stt.sample_rate_hz;
-    let (decode, resample) = match (
-        Decode::new(plan.format),
-        Resample::new(plan.format.sample_rate_hz, rate),
-    ) {
-        (Ok(decode), Ok(resample)) => (decode, resample),
-        (Err(error), _) => {
-            refuse(
-                &mut socket,
-                shared,
-                &pipeline::processor::StageError::to_session_error(&error),
-            )
-            .await;
-            return "error";
-        }
-        (_, Err(error)) => {
-            refuse(
-                &mut socket,
-                shared,
-                &pipeline::processor::StageError::to_session_error(&error),
-            )
-            .await;
-            return "error";
-        }
-    };
     let vad = Vad::new(settings.vad, shared.engine.vad_gate());
     let span = tracing::Span::current();
     tokio::spawn(
