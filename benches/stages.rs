@@ -75,6 +75,25 @@ fn payloads(encoding: Encoding, rate: u32) -> Vec<Payload> {
     }
 }
 
+/// Time a fresh processor from `make` over `input`, one item at a time, outputs consumed.
+fn bench_processor<P: Processor>(b: &mut criterion::Bencher, make: impl Fn() -> P, input: &[P::In])
+where
+    P::In: Clone,
+{
+    b.iter_batched(
+        || (make(), input.to_vec()),
+        |(mut processor, input)| {
+            let mut out = Vec::with_capacity(2);
+            for item in input {
+                processor.process(item, &mut out).unwrap();
+                black_box(&out);
+                out.clear();
+            }
+        },
+        criterion::BatchSize::SmallInput,
+    )
+}
+
 fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(FRAMES as u64));
@@ -95,19 +114,7 @@ fn decode(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new(encoding.as_str(), rate),
             &input,
-            |b, input| {
-                b.iter_batched(
-                    || (Decode::new(format).unwrap(), input.clone()),
-                    |(mut decode, input)| {
-                        let mut out = Vec::with_capacity(1);
-                        for payload in input {
-                            decode.process(payload, &mut out).unwrap();
-                            black_box(out.pop());
-                        }
-                    },
-                    criterion::BatchSize::SmallInput,
-                )
-            },
+            |b, input| bench_processor(b, || Decode::new(format).unwrap(), input),
         );
     }
     // The tutorial's form: the base64 inside the JSON, after ingress has sliced it out.
@@ -129,17 +136,7 @@ fn decode(c: &mut Criterion) {
         channels: 1,
     };
     group.bench_function("LINEAR16-base64/16000", |b| {
-        b.iter_batched(
-            || (Decode::new(format).unwrap(), input.clone()),
-            |(mut decode, input)| {
-                let mut out = Vec::with_capacity(1);
-                for payload in input {
-                    decode.process(payload, &mut out).unwrap();
-                    black_box(out.pop());
-                }
-            },
-            criterion::BatchSize::SmallInput,
-        )
+        bench_processor(b, || Decode::new(format).unwrap(), &input)
     });
     group.finish();
 }
@@ -179,17 +176,7 @@ fn resample(c: &mut Criterion) {
             })
             .collect();
         group.bench_with_input(BenchmarkId::new("to-16000", rate), &frames, |b, frames| {
-            b.iter_batched(
-                || (Resample::new(rate, 16_000).unwrap(), frames.clone()),
-                |(mut resample, frames)| {
-                    let mut out = Vec::with_capacity(2);
-                    for frame in frames {
-                        resample.process(frame, &mut out).unwrap();
-                        out.clear();
-                    }
-                },
-                criterion::BatchSize::SmallInput,
-            )
+            bench_processor(b, || Resample::new(rate, 16_000).unwrap(), frames)
         });
     }
     group.finish();
@@ -210,17 +197,7 @@ fn vad_and_batch(c: &mut Criterion) {
     group.throughput(Throughput::Elements(FRAMES as u64));
     let settings = VadConfig::default().validate(16_000).unwrap();
     group.bench_function("earshot", |b| {
-        b.iter_batched(
-            || (Vad::new(settings, false), frames.clone()),
-            |(mut vad, frames)| {
-                let mut out = Vec::with_capacity(2);
-                for frame in frames {
-                    vad.process(frame, &mut out).unwrap();
-                    out.clear();
-                }
-            },
-            criterion::BatchSize::SmallInput,
-        )
+        bench_processor(b, || Vad::new(settings, false), &frames)
     });
     group.finish();
     let mut group = c.benchmark_group("batch");

@@ -11,19 +11,8 @@ use pipeline::testing::CountingEngine;
 use serde_json::json;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
-use voxflow::config::EdgeConfig;
 
 const FRAME: usize = 320;
-
-fn policy_config(overflow: OverflowPolicy) -> voxflow::Config {
-    let mut config = test_config();
-    config.edges.decode = EdgeConfig {
-        capacity: 2,
-        send_timeout_ms: 10,
-        overflow,
-    };
-    config
-}
 
 /// The value of the counter line naming every label in `labels`.
 fn counter(metrics: &str, name: &str, labels: &[&str]) -> u64 {

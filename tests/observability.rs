@@ -17,7 +17,6 @@ use pipeline::testing::CountingEngine;
 use pipeline::{OverflowPolicy, StreamConfig, SttEngine, SttError, SttStream};
 use serde_json::{Value, json};
 use support::*;
-use voxflow::config::EdgeConfig;
 
 fn dashboard() -> Value {
     serde_json::from_str(&repo_file("grafana/dashboards/voxflow.json")).expect("dashboard is JSON")
@@ -297,12 +296,7 @@ fn json_logs_carry_the_session_span_and_nothing_per_frame_above_trace() {
         runtime.block_on(async {
             let (engine, stall) = CountingEngine::new();
             stall.stall();
-            let mut config = test_config();
-            config.edges.decode = EdgeConfig {
-                capacity: 2,
-                send_timeout_ms: 10,
-                overflow: OverflowPolicy::DropNewest,
-            };
+            let config = policy_config(OverflowPolicy::DropNewest);
             let server = TestServer::start(config, Arc::new(engine)).await;
             let mut client = server.connect("").await;
             for _ in 0..frames {

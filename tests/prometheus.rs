@@ -39,7 +39,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use voxflow::config::EdgeConfig;
 
 /// Grafana's `$__rate_interval` for a 1 s scrape interval is at least 4 scrapes; 10 s is safe.
 const RATE_INTERVAL: &str = "10s";
@@ -218,12 +217,7 @@ async fn provoke_faults(main: &TestServer) {
     // Drops and blocked sends.
     let (engine, stall) = CountingEngine::new();
     stall.stall();
-    let mut config = test_config();
-    config.edges.decode = EdgeConfig {
-        capacity: 2,
-        send_timeout_ms: 10,
-        overflow: OverflowPolicy::DropNewest,
-    };
+    let config = policy_config(OverflowPolicy::DropNewest);
     let dropping = TestServer::start(config, Arc::new(engine)).await;
     let mut client = dropping.connect("").await;
     for _ in 0..200 {

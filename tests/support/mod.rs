@@ -254,6 +254,18 @@ pub fn speech_at(rate: u32) -> Vec<i16> {
     samples
 }
 
+/// Config whose decode queue is tiny and gives up after 10 ms with `overflow`: behind a stalled
+/// engine, ingress meets the policy within a few frames.
+pub fn policy_config(overflow: pipeline::OverflowPolicy) -> Config {
+    let mut config = test_config();
+    config.edges.decode = voxflow::config::EdgeConfig {
+        capacity: 2,
+        send_timeout_ms: 10,
+        overflow,
+    };
+    config
+}
+
 /// Config for tests: ephemeral listeners come from the caller; short timeouts.
 pub fn test_config() -> Config {
     let mut config = Config::default();
