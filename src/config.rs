@@ -319,12 +319,20 @@ impl EdgeConfig {
         }
     }
 
+    /// An edge between two synchronous stages: capacity 0 runs them in one task (no queue).
+    fn validate_fusable(&self, name: &str) -> Result<Option<EdgeSettings>, ConfigError> {
+        if self.capacity == 0 {
+            return Ok(None);
+        }
+        self.validate(name).map(Some)
+    }
+
     fn validate(&self, name: &str) -> Result<EdgeSettings, ConfigError> {
         let capacity = NonZeroUsize::new(self.capacity)
             .filter(|c| c.get() <= 4_096)
             .ok_or_else(|| {
                 ConfigError::Invalid(format!(
-                    "edges.{name}.capacity must be 1..=4096, got {}",
+                    "edges.{name}.capacity must be 1..=4096 (0 only for resample and vad), got {}",
                     self.capacity
                 ))
             })?;
@@ -357,8 +365,9 @@ impl Default for EdgesConfig {
     fn default() -> Self {
         EdgesConfig {
             decode: EdgeConfig::new(8),
-            resample: EdgeConfig::new(4),
-            vad: EdgeConfig::new(4),
+            // 0: decode, resample and VAD run in one task (see `Edges::resample`).
+            resample: EdgeConfig::new(0),
+            vad: EdgeConfig::new(0),
             batch: EdgeConfig::new(4),
             // Small on purpose: a full STT queue is the "engine busy" signal batching waits on.
             stt: EdgeConfig::new(2),
@@ -379,8 +388,12 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy)]
 pub struct Edges {
     pub decode: EdgeSettings,
-    pub resample: EdgeSettings,
-    pub vad: EdgeSettings,
+    /// `None` (capacity 0): resample runs in decode's task, fed directly. Between synchronous
+    /// stages a queue only adds a task wake-up per frame; it is worth having only to watch
+    /// that stage's queue on its own.
+    pub resample: Option<EdgeSettings>,
+    /// `None` (capacity 0): the VAD runs in resample's task.
+    pub vad: Option<EdgeSettings>,
     pub batch: EdgeSettings,
     pub stt: EdgeSettings,
     pub egress: EdgeSettings,
@@ -434,7 +447,12 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed("VOXFLOW_").split("__"));
+        // VOXFLOW_LOG and VOXFLOW_LOG_FORMAT configure the process (logging), not the pipeline.
+        figment = figment.merge(
+            Env::prefixed("VOXFLOW_")
+                .ignore(&["LOG", "LOG_FORMAT"])
+                .split("__"),
+        );
         figment
             .extract()
             .map_err(|e| ConfigError::Load(Box::new(e)))
@@ -545,8 +563,8 @@ impl Config {
             write_timeout: positive("egress.write_timeout_ms", self.egress.write_timeout_ms)?,
             edges: Edges {
                 decode: self.edges.decode.validate("decode")?,
-                resample: self.edges.resample.validate("resample")?,
-                vad: self.edges.vad.validate("vad")?,
+                resample: self.edges.resample.validate_fusable("resample")?,
+                vad: self.edges.vad.validate_fusable("vad")?,
                 batch: self.edges.batch.validate("batch")?,
                 stt: self.edges.stt.validate("stt")?,
                 egress: self.edges.egress.validate("egress")?,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::{SinkExt, StreamExt};
 use pipeline::edge::edge;
 use pipeline::metrics::{StageMetrics, sessions};
-use pipeline::processor::{StageError, run_processor};
+use pipeline::processor::{Chain, StageError, run_processor};
 use pipeline::protocol::{
     self, ClientMessage, EffectiveConfig, ProtocolError, ServerMessage, StartFields,
 };
@@ -176,24 +176,67 @@ where
     ] = &metrics;
     let edges = &settings.edges;
     let (to_decode, decode_in) = edge(edges.decode, m_ingress, m_decode, &session);
-    let (to_resample, resample_in) = edge(edges.resample, m_decode, m_resample, &session);
-    let (to_vad, vad_in) = edge(edges.vad, m_resample, m_vad, &session);
     let (to_batch, batch_in) = edge(edges.batch, m_vad, m_batch, &session);
     let (to_stt, stt_in) = edge(edges.stt, m_batch, m_stt, &session);
     let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
 
     let vad = Vad::new(settings.vad, shared.engine.vad_gate());
     let span = tracing::Span::current();
-    tokio::spawn(
-        run_processor(decode, decode_in, to_resample, Arc::clone(&session))
-            .instrument(span.clone()),
-    );
-    tokio::spawn(
-        run_processor(resample, resample_in, to_vad, Arc::clone(&session)).instrument(span.clone()),
-    );
-    tokio::spawn(
-        run_processor(vad, vad_in, to_batch, Arc::clone(&session)).instrument(span.clone()),
-    );
+    // decode → resample → vad: a queue only where configured, otherwise one task (Chain).
+    match (edges.resample, edges.vad) {
+        (None, None) => {
+            let chain = Chain::new(
+                decode,
+                m_decode.clone(),
+                Chain::new(resample, m_resample.clone(), vad, m_vad.clone()),
+                m_resample.clone(),
+            );
+            spawn_in(
+                &span,
+                run_processor(chain, decode_in, to_batch, Arc::clone(&session)),
+            );
+        }
+        (None, Some(vad_edge)) => {
+            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
+            let chain = Chain::new(decode, m_decode.clone(), resample, m_resample.clone());
+            spawn_in(
+                &span,
+                run_processor(chain, decode_in, to_vad, Arc::clone(&session)),
+            );
+            spawn_in(
+                &span,
+                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
+            );
+        }
+        (Some(resample_edge), None) => {
+            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
+            let chain = Chain::new(resample, m_resample.clone(), vad, m_vad.clone());
+            spawn_in(
+                &span,
+                run_processor(decode, decode_in, to_resample, Arc::clone(&session)),
+            );
+            spawn_in(
+                &span,
+                run_processor(chain, resample_in, to_batch, Arc::clone(&session)),
+            );
+        }
+        (Some(resample_edge), Some(vad_edge)) => {
+            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
+            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
+            spawn_in(
+                &span,
+                run_processor(decode, decode_in, to_resample, Arc::clone(&session)),
+            );
+            spawn_in(
+                &span,
+                run_processor(resample, resample_in, to_vad, Arc::clone(&session)),
+            );
+            spawn_in(
+                &span,
+                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
+            );
+        }
+    }
     tokio::spawn(
         stages::batch::run(settings.batch, batch_in, to_stt, Arc::clone(&session))
             .instrument(span.clone()),
@@ -245,6 +288,13 @@ where
     // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.
     let outcome = egress.await.unwrap_or(Outcome::ClientGone);
     reason(outcome, &session)
+}
+
+fn spawn_in<F>(span: &tracing::Span, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(task.instrument(span.clone()));
 }
 
 fn reason(outcome: Outcome, session: &SessionShared) -> &'static str {
