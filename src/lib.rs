@@ -12,6 +12,7 @@
 //! - [`client`]: `voxflow stream`, a command-line client.
 //! - [`models`]: `voxflow models install|convert`, the offline Whisper model and its converter.
 //! - [`emulator`]: a Google-compatible Speech-to-Text server for development and tests.
+//! - [`loadtest`]: `voxflow loadtest`, real-time clients measuring latency, loss, CPU, memory.
 //! - [`logging`]: text or JSON log lines, one span per session.
 //! - `pipeline` (crate): edges, processors, metrics catalog, shared types.
 //! - `stages` (crate): one folder per stage.
@@ -19,6 +20,7 @@
 pub mod client;
 pub mod config;
 pub mod emulator;
+pub mod loadtest;
 pub mod logging;
 pub mod models;
 pub mod server;

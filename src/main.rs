@@ -43,6 +43,9 @@ enum Command {
         #[command(flatten)]
         config: voxflow::emulator::EmulatorConfig,
     },
+    /// Load-test a voxflow server with many real-time clients (`--spawn` starts the server and
+    /// the emulator itself) and report latency, loss, CPU and memory.
+    Loadtest(voxflow::loadtest::LoadtestArgs),
     /// Get or convert the offline Whisper model.
     Models {
         #[command(subcommand)]
@@ -89,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         match command {
             Command::Serve { config } => serve(config).await,
             Command::Stream(args) => voxflow::client::stream(args).await,
+            Command::Loadtest(args) => voxflow::loadtest::run(args).await,
             Command::Emulator { listen, config } => {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
