@@ -288,7 +288,7 @@ fn recognizer_reads_tone_words() {
             .iter()
             .filter_map(|e| match e {
                 Event::Utterance { symbols, .. } => Some(tones::transcript(symbols)),
-                Event::Word { .. } => None,
+                _ => None,
             })
             .collect();
         assert_eq!(finals, ["w0 w15 w3 w3 w7", "w9"], "rate {rate}");
