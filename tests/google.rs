@@ -288,7 +288,7 @@ fn recognizer_reads_tone_words() {
             .iter()
             .filter_map(|e| match e {
                 Event::Utterance { symbols, .. } => Some(tones::transcript(symbols)),
-                Event::Word { .. } => None,
+                _ => None,
             })
             .collect();
         assert_eq!(finals, ["w0 w15 w3 w3 w7", "w9"], "rate {rate}");
@@ -789,6 +789,66 @@ async fn finalize_forces_a_final_and_continues() {
         "a new stream after the finalize"
     );
     assert_eq!(emulator.stats.half_closed(), 2);
+}
+
+/// A marker is final as soon as it is recognized, with the utterance before it final first, and
+/// its end comes back on the session clock (past audio the VAD kept back) where the emulator
+/// recognized it: at most 1.2 blocks (384 samples) before the marker's last sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_are_final_at_once_on_the_session_clock() {
+    let emulator = start_emulator(EmulatorConfig::default()).await;
+    let engine = GoogleEngine::new(&engine_config(emulator.addr)).unwrap();
+    let mut stream = engine.open(stream_config(RATE)).expect("open");
+    let mut script = Script::default();
+    script.utterances(1, 3);
+    script.gap(1_000);
+    // Words straight into the marker, off the 20 ms grid.
+    let mut audio = tones::silence(7, RATE);
+    audio.extend(tones::tone_words(&[4, 5], RATE));
+    let words_end =
+        script.position + (audio.len() - tones::silence(tones::GAP_MS, RATE).len()) as u64;
+    audio.extend(tones::marker(42, RATE));
+    let marker_end = script.position + audio.len() as u64;
+    script.push(audio);
+    script.expected.push(Expected {
+        transcript: "w4 w5".into(),
+        end_sample: words_end,
+    });
+    script.expected.push(Expected {
+        transcript: tones::marker_transcript(42),
+        end_sample: marker_end - 192,
+    });
+    for (start, samples) in &script.runs {
+        assert!(feed_run(&stream.audio, *start, samples, None).await);
+    }
+    // The stream stays open: no silence, no half-close is needed for the marker's final.
+    let mut results = Vec::new();
+    timeout(Duration::from_secs(5), async {
+        while let Some(result) = stream.results.recv().await {
+            let marker = matches!(&result, Ok(r) if r.is_final
+                && tones::parse_marker(&r.transcript) == Some(42));
+            results.push(result);
+            if marker {
+                return;
+            }
+        }
+        panic!("results ended without the marker: {results:?}");
+    })
+    .await
+    .expect("the marker's final while the stream is open");
+    drop(stream.audio);
+    results.extend(collect(stream.results).await);
+    check_finals(&results, &script.expected);
+    let marker = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .find(|r| r.transcript == "marker 42")
+        .unwrap();
+    assert!(
+        marker.end_sample <= marker_end && marker.end_sample + 384 >= marker_end,
+        "marker ends at {}, its audio at {marker_end}",
+        marker.end_sample
+    );
 }
 
 /// 1,000 real-time sessions through engine and emulator in this one process (run with

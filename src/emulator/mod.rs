@@ -11,7 +11,9 @@
 //! interim result as soon as its tone ends (when interim results are asked for), and an
 //! utterance becomes a final after 300 ms without a tone or when the client half-closes.
 //! `result_end_time` is the end of the last word, on the stream's own audio clock, as Google
-//! reports it. [`EmulatorStats`] counts what the emulator saw, for tests and the load tester.
+//! reports it. A marker ([`tones::marker`]) becomes a final ("marker 17") the moment it is
+//! recognized, with `result_end_time` where that happened, so a load tester can time the whole
+//! path. [`EmulatorStats`] counts what the emulator saw, for tests and the load tester.
 
 mod grpc;
 pub mod tones;
@@ -607,15 +609,16 @@ fn mulaw_to_linear(byte: u8) -> i16 {
 /// Send recognizer events as results; false when the client is gone.
 async fn send_events(out: &Responder, setup: &Setup, events: &mut Vec<Event>) -> bool {
     for event in events.drain(..) {
-        let (symbols, end_sample, is_final) = match event {
+        let (transcript, end_sample, is_final) = match event {
             Event::Word {
                 symbols,
                 end_sample,
-            } => (symbols, end_sample, false),
+            } => (transcript(&symbols), end_sample, false),
             Event::Utterance {
                 symbols,
                 end_sample,
-            } => (symbols, end_sample, true),
+            } => (transcript(&symbols), end_sample, true),
+            Event::Marker { id, end_sample } => (tones::marker_transcript(id), end_sample, true),
         };
         if !is_final && !setup.interim_results {
             continue;
@@ -628,7 +631,7 @@ async fn send_events(out: &Responder, setup: &Setup, events: &mut Vec<Event>) ->
         let response = StreamingRecognizeResponse {
             results: vec![StreamingRecognitionResult {
                 alternatives: vec![SpeechRecognitionAlternative {
-                    transcript: transcript(&symbols),
+                    transcript,
                     confidence: if is_final { 0.9 } else { 0.0 },
                     words: Vec::new(),
                 }],
