@@ -42,6 +42,10 @@ use self::tones::{Event, Recognizer};
 
 pub use self::tones::{silence, tone_words, transcript};
 
+/// HTTP/2 flow-control windows the emulator advertises (see `serve`).
+const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
 /// Google's limit on the audio in one streaming request.
 const MAX_AUDIO_BYTES: usize = 25_600;
 
@@ -298,6 +302,12 @@ impl Emulator {
         };
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(self.config.max_concurrent_streams.max(1)))
+            // HTTP/2's default 64 KiB windows let a connection carry only 64 KiB of audio
+            // between window updates, shared by up to 100 streams; at a thousand real-time
+            // streams audio queued behind them for seconds. Google's front ends advertise
+            // large windows; so does the emulator.
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .add_service(SpeechService::new(Arc::new(speech)))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
