@@ -332,7 +332,7 @@ impl EdgeConfig {
             .filter(|c| c.get() <= 4_096)
             .ok_or_else(|| {
                 ConfigError::Invalid(format!(
-                    "edges.{name}.capacity must be 1..=4096 (0 only for resample and vad), got {}",
+                    "edges.{name}.capacity must be 1..=4096 (0 only for decode, resample and vad), got {}",
                     self.capacity
                 ))
             })?;
@@ -364,7 +364,8 @@ pub struct EdgesConfig {
 impl Default for EdgesConfig {
     fn default() -> Self {
         EdgesConfig {
-            decode: EdgeConfig::new(8),
+            // 0: ingress runs decode (and resample and the VAD) itself; see `Edges`.
+            decode: EdgeConfig::new(0),
             // 0: decode, resample and VAD run in one task (see `Edges::resample`).
             resample: EdgeConfig::new(0),
             vad: EdgeConfig::new(0),
@@ -387,7 +388,8 @@ pub enum ConfigError {
 /// Validated edge settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Edges {
-    pub decode: EdgeSettings,
+    /// `None` (capacity 0): ingress runs decode itself, in the socket's task.
+    pub decode: Option<EdgeSettings>,
     /// `None` (capacity 0): resample runs in decode's task, fed directly. Between synchronous
     /// stages a queue only adds a task wake-up per frame; it is worth having only to watch
     /// that stage's queue on its own.
@@ -562,7 +564,7 @@ impl Config {
                 .then(|| Duration::from_millis(self.ingress.max_burst_ms)),
             write_timeout: positive("egress.write_timeout_ms", self.egress.write_timeout_ms)?,
             edges: Edges {
-                decode: self.edges.decode.validate("decode")?,
+                decode: self.edges.decode.validate_fusable("decode")?,
                 resample: self.edges.resample.validate_fusable("resample")?,
                 vad: self.edges.vad.validate_fusable("vad")?,
                 batch: self.edges.batch.validate("batch")?,
@@ -679,13 +681,13 @@ mod tests {
             .to_string();
         assert!(error.contains("max_duration"), "{error}");
         let error = Config::from_toml(
-            "[edges.decode]\ncapacity = 0\nsend_timeout_ms = 1\noverflow = \"block\"\n",
+            "[edges.batch]\ncapacity = 0\nsend_timeout_ms = 1\noverflow = \"block\"\n",
         )
         .unwrap()
         .validate()
         .unwrap_err()
         .to_string();
-        assert!(error.contains("edges.decode.capacity"), "{error}");
+        assert!(error.contains("edges.batch.capacity"), "{error}");
     }
 
     #[test]

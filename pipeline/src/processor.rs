@@ -5,6 +5,7 @@
 //! records per-item processing time, forwards `Finalize` markers after flushing, and flushes at
 //! end of input before dropping its output so shutdown follows the graph.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -223,6 +224,113 @@ pub async fn run_processor<P: Processor>(
     processor.flush(&mut out);
     // End of input: a failure here only means downstream already ended; nothing more to do.
     let _ = forward(&mut out, &output, &metrics, &session, false).await;
+}
+
+/// Where an async stage sends its output: the next edge, or processors run inline in the
+/// sending task before the next edge ([`Inline`]; an edge configured with capacity 0).
+pub trait Downstream<T>: Send {
+    /// Send one item (the edge's policy applies).
+    fn send_data(&mut self, item: T) -> impl Future<Output = Result<(), EdgeError>> + Send;
+    /// Send a `Finalize` marker (never dropped).
+    fn send_finalize(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send;
+    /// End of input: emit whatever inline stages hold. The caller then drops `self`.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl<T: AudioLength + Send + 'static> Downstream<T> for EdgeTx<Flow<T>> {
+    async fn send_data(&mut self, item: T) -> Result<(), EdgeError> {
+        EdgeTx::send_data(self, item).await
+    }
+
+    async fn send_finalize(&mut self) -> Result<(), EdgeError> {
+        EdgeTx::send_finalize(self).await
+    }
+
+    async fn finish(&mut self) {}
+}
+
+/// A processor run inside the task that feeds it, in front of its output edge: what
+/// [`run_processor`] does, without a queue and a task wake-up per item.
+pub struct Inline<P: Processor> {
+    processor: P,
+    /// The feeding stage's, for its `sent` count (an edge would count it).
+    from: StageMetrics,
+    metrics: StageMetrics,
+    output: EdgeTx<Flow<P::Out>>,
+    session: Arc<SessionShared>,
+    out: Vec<P::Out>,
+}
+
+impl<P: Processor> Inline<P> {
+    /// `from` are the feeding stage's metrics, `metrics` the processor's (the first stage's,
+    /// for a [`Chain`]).
+    pub fn new(
+        processor: P,
+        from: StageMetrics,
+        metrics: StageMetrics,
+        output: EdgeTx<Flow<P::Out>>,
+        session: Arc<SessionShared>,
+    ) -> Inline<P> {
+        Inline {
+            processor,
+            from,
+            metrics,
+            output,
+            session,
+            out: Vec::with_capacity(4),
+        }
+    }
+}
+
+impl<P: Processor> Downstream<P::In> for Inline<P> {
+    async fn send_data(&mut self, item: P::In) -> Result<(), EdgeError> {
+        self.from.sent.increment(1);
+        self.metrics.received.increment(1);
+        if let Err(error) = self
+            .processor
+            .process_recorded(item, &mut self.out, &self.metrics)
+        {
+            tracing::warn!(stage = self.metrics.stage, %error, "Stage failed; ending the session.");
+            self.metrics.error(error.kind());
+            self.session.fail(error.to_session_error());
+            self.out.clear();
+            // The session has failed and says why; the caller only needs to stop.
+            return Err(EdgeError::Closed);
+        }
+        forward(
+            &mut self.out,
+            &self.output,
+            &self.metrics,
+            &self.session,
+            false,
+        )
+        .await
+    }
+
+    async fn send_finalize(&mut self) -> Result<(), EdgeError> {
+        self.processor.flush(&mut self.out);
+        forward(
+            &mut self.out,
+            &self.output,
+            &self.metrics,
+            &self.session,
+            true,
+        )
+        .await
+    }
+
+    async fn finish(&mut self) {
+        self.processor.flush(&mut self.out);
+        // A failure only means downstream already ended; nothing more to do.
+        let _ = forward(
+            &mut self.out,
+            &self.output,
+            &self.metrics,
+            &self.session,
+            false,
+        )
+        .await;
+    }
 }
 
 /// Send everything in `out` (and a marker if asked) downstream.

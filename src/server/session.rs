@@ -7,15 +7,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::{SinkExt, StreamExt};
+use futures::{SinkExt, Stream, StreamExt};
 use pipeline::edge::edge;
 use pipeline::metrics::{StageMetrics, sessions};
-use pipeline::processor::{Chain, StageError, run_processor};
+use pipeline::processor::{Chain, Downstream, Inline, Processor, StageError, run_processor};
 use pipeline::protocol::{
     self, ClientMessage, EffectiveConfig, ProtocolError, ServerMessage, StartFields,
 };
 use pipeline::session::close_code;
-use pipeline::{AudioFormat, SessionError, SessionShared, StreamConfig, stage};
+use pipeline::{
+    AudioFormat, EdgeSettings, EdgeTx, Flow, Payload, SessionError, SessionShared, StreamConfig,
+    stage,
+};
 use stages::decode::Decode;
 use stages::egress::{Egress, Outcome};
 use stages::ingress::{Ingress, IngressEnd};
@@ -23,8 +26,8 @@ use stages::resample::Resample;
 use stages::vad::Vad;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
 use super::Shared;
@@ -175,83 +178,24 @@ where
         m_egress,
     ] = &metrics;
     let edges = &settings.edges;
-    let (to_decode, decode_in) = edge(edges.decode, m_ingress, m_decode, &session);
     let (to_batch, batch_in) = edge(edges.batch, m_vad, m_batch, &session);
     let (to_stt, stt_in) = edge(edges.stt, m_batch, m_stt, &session);
     let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
-
-    let vad = Vad::new(settings.vad, shared.engine.vad_gate());
     let span = tracing::Span::current();
-    // decode → resample → vad: a queue only where configured, otherwise one task (Chain).
-    match (edges.resample, edges.vad) {
-        (None, None) => {
-            let chain = Chain::new(
-                decode,
-                m_decode.clone(),
-                Chain::new(resample, m_resample.clone(), vad, m_vad.clone()),
-                m_resample.clone(),
-            );
-            spawn_in(
-                &span,
-                run_processor(chain, decode_in, to_batch, Arc::clone(&session)),
-            );
-        }
-        (None, Some(vad_edge)) => {
-            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
-            let chain = Chain::new(decode, m_decode.clone(), resample, m_resample.clone());
-            spawn_in(
-                &span,
-                run_processor(chain, decode_in, to_vad, Arc::clone(&session)),
-            );
-            spawn_in(
-                &span,
-                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
-            );
-        }
-        (Some(resample_edge), None) => {
-            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
-            let chain = Chain::new(resample, m_resample.clone(), vad, m_vad.clone());
-            spawn_in(
-                &span,
-                run_processor(decode, decode_in, to_resample, Arc::clone(&session)),
-            );
-            spawn_in(
-                &span,
-                run_processor(chain, resample_in, to_batch, Arc::clone(&session)),
-            );
-        }
-        (Some(resample_edge), Some(vad_edge)) => {
-            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
-            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
-            spawn_in(
-                &span,
-                run_processor(decode, decode_in, to_resample, Arc::clone(&session)),
-            );
-            spawn_in(
-                &span,
-                run_processor(resample, resample_in, to_vad, Arc::clone(&session)),
-            );
-            spawn_in(
-                &span,
-                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
-            );
-        }
-    }
-    tokio::spawn(
-        stages::batch::run(settings.batch, batch_in, to_stt, Arc::clone(&session))
-            .instrument(span.clone()),
+    spawn_in(
+        &span,
+        stages::batch::run(settings.batch, batch_in, to_stt, Arc::clone(&session)),
     );
-    tokio::spawn(
+    spawn_in(
+        &span,
         stages::stt::run(
             stream,
             shared.engine.name(),
             stt_in,
             to_egress,
             Arc::clone(&session),
-        )
-        .instrument(span.clone()),
+        ),
     );
-
     let (sink, source) = socket.split();
     let egress = Egress::new(
         sink,
@@ -261,7 +205,7 @@ where
         Arc::clone(&session),
     )
     .with_retry_after(settings.limits.retry_after);
-    let mut egress = tokio::spawn(egress.run(egress_in).instrument(span));
+    let egress = tokio::spawn(egress.run(egress_in).instrument(span.clone()));
     let ingress = Ingress::new(
         plan.format,
         settings.idle_timeout,
@@ -277,17 +221,151 @@ where
             () = tokio::time::sleep(limit) => session.set_time_limit_reached(),
         }
     };
-    let ended = tokio::select! {
-        end = ingress.run(source, replay, to_decode, stop) => end,
-        outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), &session),
+    let tail = Tail {
+        ingress,
+        source,
+        replay,
+        egress,
+        stop,
+        session: &session,
     };
-    if ended == IngressEnd::ClientGone {
-        egress.abort();
-        return "client_gone";
+    let front = Front {
+        decode_edge: edges.decode,
+        ingress: m_ingress,
+        decode: m_decode,
+        session: &session,
+        span: &span,
+    };
+
+    // decode → resample → vad: a queue and a task only where an edge has a capacity; the
+    // rest run back to back (Chain), in ingress's own task when decode's edge is 0 too.
+    let vad = Vad::new(settings.vad, shared.engine.vad_gate());
+    match (edges.resample, edges.vad) {
+        (None, None) => {
+            let chain = Chain::new(
+                decode,
+                m_decode.clone(),
+                Chain::new(resample, m_resample.clone(), vad, m_vad.clone()),
+                m_resample.clone(),
+            );
+            front.run(chain, to_batch, tail).await
+        }
+        (None, Some(vad_edge)) => {
+            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
+            let chain = Chain::new(decode, m_decode.clone(), resample, m_resample.clone());
+            spawn_in(
+                &span,
+                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
+            );
+            front.run(chain, to_vad, tail).await
+        }
+        (Some(resample_edge), None) => {
+            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
+            let chain = Chain::new(resample, m_resample.clone(), vad, m_vad.clone());
+            spawn_in(
+                &span,
+                run_processor(chain, resample_in, to_batch, Arc::clone(&session)),
+            );
+            front.run(decode, to_resample, tail).await
+        }
+        (Some(resample_edge), Some(vad_edge)) => {
+            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
+            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
+            spawn_in(
+                &span,
+                run_processor(resample, resample_in, to_vad, Arc::clone(&session)),
+            );
+            spawn_in(
+                &span,
+                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
+            );
+            front.run(decode, to_resample, tail).await
+        }
     }
-    // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.
-    let outcome = egress.await.unwrap_or(Outcome::ClientGone);
-    reason(outcome, &session)
+}
+
+/// The first processors of the graph: behind decode's edge in their own task, or run by
+/// ingress itself when that edge has capacity 0.
+struct Front<'a> {
+    decode_edge: Option<EdgeSettings>,
+    ingress: &'a StageMetrics,
+    decode: &'a StageMetrics,
+    session: &'a Arc<SessionShared>,
+    span: &'a tracing::Span,
+}
+
+impl Front<'_> {
+    async fn run<P, S, F>(
+        self,
+        front: P,
+        out: EdgeTx<Flow<P::Out>>,
+        tail: Tail<'_, S, F>,
+    ) -> &'static str
+    where
+        P: Processor<In = Payload>,
+        S: Stream<Item = Result<Message, WsError>> + Unpin,
+        F: std::future::Future<Output = ()>,
+    {
+        match self.decode_edge {
+            Some(settings) => {
+                let (to_decode, decode_in) =
+                    edge(settings, self.ingress, self.decode, self.session);
+                spawn_in(
+                    self.span,
+                    run_processor(front, decode_in, out, Arc::clone(self.session)),
+                );
+                tail.run(to_decode).await
+            }
+            None => {
+                let inline = Inline::new(
+                    front,
+                    self.ingress.clone(),
+                    self.decode.clone(),
+                    out,
+                    Arc::clone(self.session),
+                );
+                tail.run(inline).await
+            }
+        }
+    }
+}
+
+/// Ingress and the end of the session, once the rest of the graph runs.
+struct Tail<'a, S, F> {
+    ingress: Ingress,
+    source: S,
+    replay: Option<Message>,
+    egress: tokio::task::JoinHandle<Outcome>,
+    stop: F,
+    session: &'a SessionShared,
+}
+
+impl<S, F> Tail<'_, S, F>
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+    F: std::future::Future<Output = ()>,
+{
+    async fn run<D: Downstream<Payload>>(self, output: D) -> &'static str {
+        let Tail {
+            ingress,
+            source,
+            replay,
+            mut egress,
+            stop,
+            session,
+        } = self;
+        let ended = tokio::select! {
+            end = ingress.run(source, replay, output, stop) => end,
+            outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), session),
+        };
+        if ended == IngressEnd::ClientGone {
+            egress.abort();
+            return "client_gone";
+        }
+        // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.
+        let outcome = egress.await.unwrap_or(Outcome::ClientGone);
+        reason(outcome, session)
+    }
 }
 
 fn spawn_in<F>(span: &tracing::Span, task: F)

@@ -16,9 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use pipeline::audio::PayloadData;
-use pipeline::edge::EdgeTx;
 use pipeline::metrics::{ErrorKind, StageMetrics};
-use pipeline::processor::on_send_error;
+use pipeline::processor::{Downstream, on_send_error};
 use pipeline::protocol::{ClientMessage, ProtocolError, parse};
 use pipeline::session::close_code;
 use pipeline::{AudioFormat, Encoding, Flow, Payload, SessionError, SessionShared};
@@ -84,20 +83,42 @@ impl Ingress {
 
     /// Read the socket until `stop`, shutdown, failure or disconnect. `first` is a message the
     /// caller already read (the one that started the session), handled before the socket.
-    pub async fn run<S>(
+    ///
+    /// `output` is decode's input edge, or decode itself ([`Inline`](pipeline::processor::Inline)) when that edge has
+    /// capacity 0; after a `stop` or at shutdown what it holds is flushed downstream.
+    pub async fn run<S, D>(
         &self,
-        mut socket: S,
+        socket: S,
         first: Option<Message>,
-        output: EdgeTx<Flow<Payload>>,
+        mut output: D,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> IngressEnd
     where
         S: Stream<Item = Result<Message, WsError>> + Unpin,
+        D: Downstream<Payload>,
+    {
+        let end = self.read(socket, first, &mut output, shutdown).await;
+        if matches!(end, IngressEnd::Stopped | IngressEnd::Shutdown) {
+            output.finish().await;
+        }
+        end
+    }
+
+    async fn read<S, D>(
+        &self,
+        mut socket: S,
+        first: Option<Message>,
+        output: &mut D,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> IngressEnd
+    where
+        S: Stream<Item = Result<Message, WsError>> + Unpin,
+        D: Downstream<Payload>,
     {
         tokio::pin!(shutdown);
         let began = Instant::now();
         if let Some(message) = first
-            && let Some(end) = self.handle(message, &output).await
+            && let Some(end) = self.handle(message, output).await
         {
             return end;
         }
@@ -147,7 +168,7 @@ impl Ingress {
                 }
                 None => return IngressEnd::ClientGone,
             };
-            if let Some(end) = self.handle(message, &output).await {
+            if let Some(end) = self.handle(message, output).await {
                 return end;
             }
             if let Some(wait) = self.ahead_of_real_time(began) {
@@ -165,7 +186,11 @@ impl Ingress {
     }
 
     /// Handle one message; `Some` when ingress is done.
-    async fn handle(&self, message: Message, output: &EdgeTx<Flow<Payload>>) -> Option<IngressEnd> {
+    async fn handle<D: Downstream<Payload>>(
+        &self,
+        message: Message,
+        output: &mut D,
+    ) -> Option<IngressEnd> {
         self.metrics.received.increment(1);
         let started = Instant::now();
         let flow = match message {

@@ -476,7 +476,11 @@ impl Session {
             }
             let before = up.sent_end;
             self.send_chunk();
-            if self.upstream.as_ref().is_none_or(|up| up.sent_end == before) {
+            if self
+                .upstream
+                .as_ref()
+                .is_none_or(|up| up.sent_end == before)
+            {
                 return;
             }
         }
@@ -853,4 +857,3 @@ async fn writable(requests: Option<&mpsc::Sender<StreamingRecognizeRequest>>) ->
         None => std::future::pending().await,
     }
 }
-
