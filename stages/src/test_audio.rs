@@ -22,3 +22,19 @@ pub fn sine(freq_hz: f64, rate_hz: u32, samples: usize, amplitude: f64) -> Vec<i
         })
         .collect()
 }
+
+/// Deterministic white noise with this RMS (uniformly distributed), to add to a signal.
+pub fn noise(samples: usize, rms: f64) -> Vec<i16> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..samples)
+        .map(|_| {
+            // A 64-bit LCG (Knuth's MMIX constants): reproducible without a dependency.
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let uniform = (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            // Uniform on [-0.5, 0.5) has an RMS of 1/√12.
+            (uniform * rms * 12f64.sqrt()).round() as i16
+        })
+        .collect()
+}

@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use super::shortcut::WINDOW;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VadConfig {
@@ -13,6 +15,12 @@ pub struct VadConfig {
     /// Non-speech audio kept before speech and sent with it when an engine gates on the VAD,
     /// so word onsets are not clipped. Costs memory per session (32 bytes per ms).
     pub pre_roll_ms: u64,
+    /// Longest stretch the VAD may classify without running its model, where the answer is
+    /// already known: inside confident speech, and in background audio the model has settled
+    /// on. Each 16 ms window not scored saves about 5 µs of CPU. Speech that ends in sound as
+    /// loud as itself (music, a television) is found to end up to this much later. 0 scores
+    /// every window.
+    pub max_unscored_ms: u64,
 }
 
 impl Default for VadConfig {
@@ -22,6 +30,7 @@ impl Default for VadConfig {
             threshold: 0.5,
             hangover_ms: 300,
             pre_roll_ms: 300,
+            max_unscored_ms: 500,
         }
     }
 }
@@ -43,6 +52,8 @@ pub struct VadSettings {
     pub threshold: f32,
     pub hangover_samples: u64,
     pub pre_roll_samples: u64,
+    /// 16 ms windows that may go unscored in a row.
+    pub max_unscored_windows: u32,
 }
 
 impl VadConfig {
@@ -58,6 +69,9 @@ impl VadConfig {
         if self.pre_roll_ms > 10_000 {
             return Err(VadError::TooLong("pre_roll_ms"));
         }
+        if self.max_unscored_ms > 10_000 {
+            return Err(VadError::TooLong("max_unscored_ms"));
+        }
         if self.enabled && sample_rate_hz != 16_000 {
             return Err(VadError::Rate(sample_rate_hz));
         }
@@ -67,6 +81,8 @@ impl VadConfig {
             threshold: self.threshold,
             hangover_samples: samples(self.hangover_ms),
             pre_roll_samples: samples(self.pre_roll_ms),
+            max_unscored_windows: u32::try_from(samples(self.max_unscored_ms) / WINDOW as u64)
+                .unwrap_or(u32::MAX),
         })
     }
 }

@@ -1,13 +1,16 @@
 //! VAD: frames in, the same frames marked speech or non-speech out.
 //!
-//! Consumes [`AudioFrame`]s at 16 kHz and scores each 16 ms window with earshot; a frame is
-//! speech if any of its windows is, or if it falls within the hangover after speech. Keeps the
-//! detector state, the samples of an unfinished window and, when the engine gates on the VAD,
-//! up to `pre_roll` of recent non-speech frames: those are sent ahead of the next speech frame
-//! so onsets are intact, and otherwise discarded (counted in `voxflow_vad_gated_audio_seconds`,
-//! a policy, not a loss). `flush` discards the held non-speech frames the same way.
+//! Consumes [`AudioFrame`]s at 16 kHz and classifies each 16 ms window with earshot, running the
+//! model only where its answer can change a frame (see [`shortcut`]); a frame is speech if any
+//! of its windows is, or if it falls within the hangover after speech. Keeps the detector state,
+//! the samples of an unfinished window, the last windows the model skipped and, when the engine
+//! gates on the VAD, up to `pre_roll` of recent non-speech frames: those are sent ahead of the
+//! next speech frame so onsets are intact, and otherwise discarded (counted in
+//! `voxflow_vad_gated_audio_seconds`, a policy, not a loss). `flush` discards the held non-speech
+//! frames the same way.
 
 mod config;
+mod shortcut;
 #[cfg(test)]
 mod tests;
 
@@ -18,14 +21,12 @@ use pipeline::metrics::{Histogram, sessions};
 use pipeline::{AudioFrame, AudioLength, Processor};
 
 pub use config::{VadConfig, VadError, VadSettings};
-
-/// earshot scores windows of exactly this many samples at 16 kHz.
-const WINDOW: usize = 256;
+use shortcut::{Plan, RESYNC_WINDOWS, Shortcut, WINDOW};
 
 pub struct Vad {
     settings: VadSettings,
     gate: bool,
-    detector: Option<Box<earshot::Detector>>,
+    model: Option<Model>,
     window: Vec<i16>,
     /// Samples still inside the hangover after the last speech window.
     hangover_left: u64,
@@ -34,12 +35,77 @@ pub struct Vad {
     gated: Histogram,
 }
 
+/// earshot, what it has not seen since it last ran, and when it needs to run.
+struct Model {
+    detector: Box<earshot::Detector>,
+    shortcut: Shortcut,
+    /// The last windows not fed to the detector, oldest first.
+    unfed: [[i16; WINDOW]; RESYNC_WINDOWS],
+    unfed_len: usize,
+    /// Windows the detector has scored, replays included (for tests).
+    #[cfg(test)]
+    runs: u64,
+}
+
+impl Model {
+    fn new(settings: &VadSettings) -> Model {
+        Model {
+            detector: earshot::Detector::default_boxed(),
+            shortcut: Shortcut::new(settings.max_unscored_windows, settings.threshold),
+            unfed: [[0; WINDOW]; RESYNC_WINDOWS],
+            unfed_len: 0,
+            #[cfg(test)]
+            runs: 0,
+        }
+    }
+
+    /// Whether a full window is speech, scoring it only if the shortcut says so.
+    fn classify(&mut self, window: &[i16], threshold: f32) -> bool {
+        let energy = shortcut::energy(window);
+        let plan = self.shortcut.plan(energy);
+        match plan {
+            Plan::Speech | Plan::Silence => {
+                self.skip(window);
+                return plan == Plan::Speech;
+            }
+            Plan::Score => {
+                let unfed = self.unfed;
+                for skipped in &unfed[..self.unfed_len] {
+                    self.predict(skipped);
+                }
+            }
+            Plan::Check => {}
+        }
+        self.unfed_len = 0;
+        let score = self.predict(window);
+        self.shortcut.scored(energy, score);
+        score >= threshold
+    }
+
+    fn predict(&mut self, window: &[i16]) -> f32 {
+        #[cfg(test)]
+        {
+            self.runs += 1;
+        }
+        self.detector.predict_i16(window)
+    }
+
+    fn skip(&mut self, window: &[i16]) {
+        if self.unfed_len == RESYNC_WINDOWS {
+            self.unfed.rotate_left(1);
+            self.unfed_len -= 1;
+        }
+        self.unfed[self.unfed_len].copy_from_slice(window);
+        self.unfed_len += 1;
+    }
+}
+
 impl Vad {
     pub fn new(settings: VadSettings, gate: bool) -> Vad {
         Vad {
             settings,
             gate: gate && settings.enabled,
-            detector: settings.enabled.then(earshot::Detector::default_boxed),
+            model: settings.enabled.then(|| Model::new(&settings)),
             window: Vec::with_capacity(WINDOW),
             hangover_left: 0,
             held: VecDeque::new(),
@@ -48,9 +114,9 @@ impl Vad {
         }
     }
 
-    /// Score the frame's windows; true if any is speech or the hangover is still running.
+    /// Classify the frame's windows; true if any is speech or the hangover is still running.
     fn classify(&mut self, samples: &[i16]) -> bool {
-        let Some(detector) = self.detector.as_mut() else {
+        let Some(model) = self.model.as_mut() else {
             return true;
         };
         let mut speech = self.hangover_left > 0;
@@ -62,7 +128,7 @@ impl Vad {
             if self.window.len() < WINDOW {
                 break;
             }
-            if detector.predict_i16(&self.window) >= self.settings.threshold {
+            if model.classify(&self.window, self.settings.threshold) {
                 self.hangover_left = self.settings.hangover_samples;
                 speech = true;
             } else {
@@ -71,6 +137,12 @@ impl Vad {
             self.window.clear();
         }
         speech
+    }
+
+    /// Windows the model has scored so far, replays included.
+    #[cfg(test)]
+    fn model_runs(&self) -> u64 {
+        self.model.as_ref().map_or(0, |m| m.runs)
     }
 
     fn discard_held(&mut self) {
