@@ -48,7 +48,9 @@ pub use gcp_auth::{CustomServiceAccount, TokenProvider};
 /// The `engine` metric label.
 pub const ENGINE: &str = "google";
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
-/// Requests queued towards one upstream stream: a few 20–100 ms batches.
+/// Requests queued towards one upstream stream: a few batches. When it is full, audio waits in
+/// the session's buffer and leaves as one larger request (see `next_chunk`). (A queue of one,
+/// to coalesce sooner, measured no CPU saving at 1,000 clients and tripled median latency.)
 const REQUEST_QUEUE: usize = 8;
 /// Input queue of a session: small, so a busy engine shows as backpressure to the batch stage.
 const INPUT_QUEUE: usize = 2;

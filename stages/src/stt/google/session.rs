@@ -493,12 +493,18 @@ impl Session {
         else {
             return;
         };
-        let batch = &self.buffer[index].batch;
-        let offset = (from - batch.start_sample) as usize;
         let len = (to - from) as usize;
         let mut bytes = Vec::with_capacity(len * 2);
-        for sample in &batch.samples[offset..offset + len] {
-            bytes.extend_from_slice(&sample.to_le_bytes());
+        for buffered in self.buffer.range(index..) {
+            let batch = &buffered.batch;
+            if batch.start_sample >= to {
+                break;
+            }
+            let start = (from.max(batch.start_sample) - batch.start_sample) as usize;
+            let end = (to.min(batch.end_sample()) - batch.start_sample) as usize;
+            for sample in &batch.samples[start..end] {
+                bytes.extend_from_slice(&sample.to_le_bytes());
+            }
         }
         let request = StreamingRecognizeRequest {
             streaming_request: Some(StreamingRequest::AudioContent(bytes)),
@@ -807,22 +813,33 @@ impl Upstream {
     }
 }
 
-/// The next piece of buffered audio to send after `sent_end`, at most [`MAX_CHUNK_SAMPLES`]
-/// and not beyond `limit`: (buffer index, from, to) on the session clock.
+/// The next piece of buffered audio to send after `sent_end`: contiguous audio from one or
+/// more buffered batches, at most [`MAX_CHUNK_SAMPLES`] and not beyond `limit`: (index of the
+/// first batch, from, to) on the session clock.
+///
+/// Spanning batches is what makes this the adaptive batcher: while the request stream has room
+/// every batch goes out on its own at once; when it is full (the connection is busy), audio
+/// waits here and leaves as one larger request, so a loaded gateway sends fewer messages instead
+/// of queueing more of them.
 fn next_chunk(
     buffer: &VecDeque<Buffered>,
     sent_end: u64,
     limit: Option<u64>,
 ) -> Option<(usize, u64, u64)> {
     let index = buffer.partition_point(|b| b.batch.end_sample() <= sent_end);
-    let batch = &buffer.get(index)?.batch;
-    let from = batch.start_sample.max(sent_end);
-    let mut to = batch.end_sample().min(from + MAX_CHUNK_SAMPLES);
-    if let Some(limit) = limit {
-        if from >= limit {
-            return None;
+    let first = &buffer.get(index)?.batch;
+    let from = first.start_sample.max(sent_end);
+    let max_to = limit.map_or(u64::MAX, |limit| limit.min(from + MAX_CHUNK_SAMPLES));
+    let max_to = max_to.min(from + MAX_CHUNK_SAMPLES);
+    if from >= max_to {
+        return None;
+    }
+    let mut to = first.end_sample().min(max_to);
+    for next in buffer.range(index + 1..) {
+        if to == max_to || next.batch.start_sample != to {
+            break;
         }
-        to = to.min(limit);
+        to = next.batch.end_sample().min(max_to);
     }
     Some((index, from, to))
 }
@@ -855,5 +872,39 @@ async fn writable(requests: Option<&mpsc::Sender<StreamingRecognizeRequest>>) ->
     match requests {
         Some(requests) => requests.reserve().await.is_ok(),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    fn buffered(start_sample: u64, len: usize) -> Buffered {
+        Buffered {
+            batch: AudioBatch {
+                samples: vec![0; len],
+                sample_rate_hz: 16_000,
+                start_sample,
+                speech: true,
+            },
+            arrived: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_spans_contiguous_batches_up_to_a_gap_a_limit_or_the_maximum() {
+        // 0..320, 320..640, 640..960, then a gap (the VAD gate) and 2000..2320.
+        let buffer: VecDeque<Buffered> = [(0, 320), (320, 320), (640, 320), (2000, 320)]
+            .into_iter()
+            .map(|(start, len)| buffered(start, len))
+            .collect();
+        assert_eq!(next_chunk(&buffer, 0, None), Some((0, 0, 960)));
+        assert_eq!(next_chunk(&buffer, 400, None), Some((1, 400, 960)));
+        assert_eq!(next_chunk(&buffer, 960, None), Some((3, 2000, 2320)));
+        assert_eq!(next_chunk(&buffer, 0, Some(500)), Some((0, 0, 500)));
+        assert_eq!(next_chunk(&buffer, 500, Some(500)), None);
+        assert_eq!(next_chunk(&buffer, 2320, None), None);
+        let long: VecDeque<Buffered> = (0..50).map(|i| buffered(i * 320, 320)).collect();
+        assert_eq!(next_chunk(&long, 0, None), Some((0, 0, MAX_CHUNK_SAMPLES)));
     }
 }
