@@ -459,6 +459,35 @@ async fn unavailable_mid_utterance() {
     );
 }
 
+/// Coalescing forced on (as on a busy connection) with faults and rotations: audio held back to
+/// leave in larger requests is neither lost nor duplicated, and finals keep their positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_requests_lose_nothing_across_faults_and_rotations() {
+    let emulator = start_emulator(EmulatorConfig {
+        fail_every: 3,
+        fail_after_ms: 1_500,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let engine = GoogleEngine::new(&GoogleConfig {
+        rotate_after_secs: 2,
+        coalesce_ms: 20,
+        coalesce_above_streams: 0,
+        ..engine_config(emulator.addr)
+    })
+    .unwrap();
+    let mut script = Script::default();
+    script.utterances(30, 11);
+    let results = timeout(
+        Duration::from_secs(40),
+        run_session(&engine, &script, Some(Duration::from_millis(5)), &[]),
+    )
+    .await
+    .expect("session finished");
+    check_finals(&results, &script.expected);
+    assert!(emulator.stats.faults() >= 1, "faults were injected");
+}
+
 /// A real-time pause longer than Google's audio timeout, then 20 s of non-speech audio: the
 /// engine half-closes and reopens upstream, with no error and no audio timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,8 @@ pub(crate) struct Settings {
     pub drain_timeout: Duration,
     pub model: String,
     pub use_enhanced: bool,
+    pub coalesce: Duration,
+    pub coalesce_above_streams: usize,
 }
 
 /// The Google engine, shared by all sessions.
@@ -172,6 +174,9 @@ impl GoogleEngine {
         if config.preroll_ms > 5_000 {
             return invalid("preroll_ms", "must be at most 5000");
         }
+        if config.coalesce_ms > 1_000 {
+            return invalid("coalesce_ms", "must be at most 1000");
+        }
         if config.retry_initial_backoff_ms == 0
             || config.retry_initial_backoff_ms > config.retry_max_backoff_ms
         {
@@ -197,6 +202,8 @@ impl GoogleEngine {
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             model: config.model.clone(),
             use_enhanced: config.use_enhanced,
+            coalesce: Duration::from_millis(config.coalesce_ms),
+            coalesce_above_streams: config.coalesce_above_streams,
         };
         let endpoint = Endpoint::from_shared(config.endpoint.clone())
             .map_err(|_| bad_endpoint("not a valid endpoint"))?
@@ -288,6 +295,13 @@ impl Drop for SessionSlot {
 pub(crate) struct StreamSlot {
     streams: Arc<AtomicUsize>,
     active: Gauge,
+}
+
+impl StreamSlot {
+    /// Streams open on this slot's connection now.
+    pub(crate) fn connection_streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for StreamSlot {

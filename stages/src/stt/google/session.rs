@@ -95,7 +95,9 @@ struct Upstream {
     responses: Responses,
     /// `None` once half-closed.
     requests: Option<mpsc::Sender<StreamingRecognizeRequest>>,
-    _slot: StreamSlot,
+    /// Held for the stream's life (frees the connection's stream count); also says how busy the
+    /// connection is.
+    slot: StreamSlot,
     opened: Instant,
     segments: Vec<Segment>,
     samples_sent: u64,
@@ -321,7 +323,10 @@ impl Session {
                     Some(silence.min(up.opened + settings.rotate_after))
                 };
                 timer = min_instant(timer, deadline);
+                let hold = hold_until(&self.buffer, up, self.finalize_at, settings, now);
+                timer = min_instant(timer, hold);
                 let can_send = !up.closing
+                    && hold.is_none()
                     && next_chunk(&self.buffer, up.sent_end, self.finalize_at).is_some();
                 (
                     Some(&mut up.responses),
@@ -382,7 +387,7 @@ impl Session {
         self.upstream = Some(Upstream {
             requests: Some(opened.requests),
             responses: Responses::Pending(opened.responses),
-            _slot: opened.slot,
+            slot: opened.slot,
             opened: Instant::now(),
             segments: Vec::new(),
             samples_sent: 0,
@@ -489,6 +494,10 @@ impl Session {
     fn send_chunk(&mut self) {
         let Some(up) = &mut self.upstream else { return };
         let Some(requests) = &up.requests else { return };
+        let settings = &self.shared.settings;
+        if hold_until(&self.buffer, up, self.finalize_at, settings, Instant::now()).is_some() {
+            return;
+        }
         let Some((index, from, to)) = next_chunk(&self.buffer, up.sent_end, self.finalize_at)
         else {
             return;
@@ -842,6 +851,32 @@ fn next_chunk(
         to = next.batch.end_sample().min(max_to);
     }
     Some((index, from, to))
+}
+
+/// Until when to hold the next chunk back so it leaves with more audio, if at all: only on a
+/// connection carrying more than `coalesce_above_streams` streams, only while the chunk is
+/// shorter than two of its batches, never past `coalesce` after its first audio arrived, and
+/// never when a finalize or the end of input is waiting on it.
+fn hold_until(
+    buffer: &VecDeque<Buffered>,
+    up: &Upstream,
+    finalize_at: Option<u64>,
+    settings: &super::Settings,
+    now: Instant,
+) -> Option<Instant> {
+    if settings.coalesce.is_zero()
+        || finalize_at.is_some()
+        || up.slot.connection_streams() <= settings.coalesce_above_streams
+    {
+        return None;
+    }
+    let (index, from, to) = next_chunk(buffer, up.sent_end, None)?;
+    let first = &buffer[index];
+    if to - from >= 2 * first.batch.samples.len() as u64 {
+        return None;
+    }
+    let until = first.arrived + settings.coalesce;
+    (until > now).then_some(until)
 }
 
 fn min_instant(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
