@@ -14,11 +14,9 @@ const SAMPLES: usize = 5 * RATE as usize;
 
 fn speech_16k() -> Vec<i16> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech-16k.wav");
-    hound::WavReader::open(path)
+    voxflow::client::read_wav(std::path::Path::new(path))
         .unwrap()
-        .samples::<i16>()
-        .map(Result::unwrap)
-        .collect()
+        .0
 }
 
 fn recognizer(c: &mut Criterion) {

@@ -18,11 +18,9 @@ const FRAMES: usize = 250; // 5 s of audio per iteration
 
 fn speech_16k() -> Vec<i16> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech-16k.wav");
-    hound::WavReader::open(path)
+    voxflow::client::read_wav(std::path::Path::new(path))
         .unwrap()
-        .samples::<i16>()
-        .map(Result::unwrap)
-        .collect()
+        .0
 }
 
 /// `FRAMES` frames of speech at `rate` (naively decimated or repeated: content does not

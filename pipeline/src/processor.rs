@@ -200,9 +200,7 @@ pub async fn run_processor<P: Processor>(
         let finalize = match flow {
             Flow::Data(item) => {
                 if let Err(error) = processor.process_recorded(item, &mut out, &metrics) {
-                    tracing::warn!(stage = metrics.stage, %error, "Stage failed; ending the session.");
-                    metrics.error(error.kind());
-                    session.fail(error.to_session_error());
+                    stage_failed(&error, &metrics, &session);
                     input.close();
                     return;
                 }
@@ -290,9 +288,7 @@ impl<P: Processor> Downstream<P::In> for Inline<P> {
             .processor
             .process_recorded(item, &mut self.out, &self.metrics)
         {
-            tracing::warn!(stage = self.metrics.stage, %error, "Stage failed; ending the session.");
-            self.metrics.error(error.kind());
-            self.session.fail(error.to_session_error());
+            stage_failed(&error, &self.metrics, &self.session);
             self.out.clear();
             // The session has failed and says why; the caller only needs to stop.
             return Err(EdgeError::Closed);
@@ -354,6 +350,13 @@ async fn forward<T: AudioLength>(
             .inspect_err(|e| on_send_error(e, metrics, session))?;
     }
     Ok(())
+}
+
+/// A processor failed: count it, log it, and end the session with its error.
+fn stage_failed<E: StageError>(error: &E, metrics: &StageMetrics, session: &SessionShared) {
+    tracing::warn!(stage = metrics.stage, %error, "Stage failed; ending the session.");
+    metrics.error(error.kind());
+    session.fail(error.to_session_error());
 }
 
 /// What a stage does when its output refuses an item. Shared by every stage.

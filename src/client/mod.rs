@@ -2,7 +2,7 @@
 //! transcripts: partials rewritten in place, finals on their own lines.
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -124,7 +124,12 @@ pub async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     }
 }
 
-fn read_wav(path: &PathBuf) -> anyhow::Result<(Vec<i16>, u32, u16)> {
+/// 16-bit PCM samples (interleaved), rate and channel count of a WAV file, or of a WAV on stdin
+/// when `path` is `-`.
+///
+/// # Errors
+/// When the file cannot be read or is not 16-bit PCM.
+pub fn read_wav(path: &Path) -> anyhow::Result<(Vec<i16>, u32, u16)> {
     let reader: Box<dyn Read> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {

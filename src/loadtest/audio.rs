@@ -186,10 +186,7 @@ fn speech(path: Option<&Path>, rate_hz: u32) -> anyhow::Result<Vec<i16>> {
     if !status.success() {
         bail!("sox could not convert {}: {status}", source.display());
     }
-    let samples = hound::WavReader::open(&resampled)
-        .with_context(|| format!("cannot read {}", resampled.display()))?
-        .samples::<i16>()
-        .collect::<Result<Vec<_>, _>>()?;
+    let (samples, _, _) = crate::client::read_wav(&resampled)?;
     let _ = std::fs::remove_file(&resampled);
     if path.is_none() {
         let _ = std::fs::remove_file(&source);

@@ -191,19 +191,11 @@ pub async fn run(plan: Plan, clip: Arc<Clip>, live: Arc<Live>) -> Outcome {
     let (sent, rx) = tokio::join!(send, receive);
     live.connected.fetch_sub(1, Ordering::Relaxed);
     let timeline = timeline.into_inner().expect("one task");
-    match sent {
-        Ok(stats) => {
-            outcome.frames_sent = stats.frames;
-            outcome.max_lateness = stats.max_lateness;
-            outcome.behind = stats.behind;
-        }
-        Err(stats) => {
-            outcome.frames_sent = stats.frames;
-            outcome.max_lateness = stats.max_lateness;
-            outcome.behind = stats.behind;
-            outcome.error.get_or_insert(stats.error.unwrap_or_default());
-        }
-    }
+    let (Ok(stats) | Err(stats)) = sent;
+    outcome.frames_sent = stats.frames;
+    outcome.max_lateness = stats.max_lateness;
+    outcome.behind = stats.behind;
+    outcome.error = stats.error;
     outcome.markers_sent = timeline.markers.len() as u64;
     outcome.markers_received = timeline.received.iter().filter(|&&r| r).count() as u64;
     outcome.duplicates = rx.duplicates;

@@ -838,8 +838,7 @@ fn next_chunk(
     let index = buffer.partition_point(|b| b.batch.end_sample() <= sent_end);
     let first = &buffer.get(index)?.batch;
     let from = first.start_sample.max(sent_end);
-    let max_to = limit.map_or(u64::MAX, |limit| limit.min(from + MAX_CHUNK_SAMPLES));
-    let max_to = max_to.min(from + MAX_CHUNK_SAMPLES);
+    let max_to = limit.unwrap_or(u64::MAX).min(from + MAX_CHUNK_SAMPLES);
     if from >= max_to {
         return None;
     }
