@@ -25,6 +25,7 @@ mod config;
 mod session;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -82,6 +83,7 @@ pub(crate) struct Settings {
     pub use_enhanced: bool,
     pub coalesce: Duration,
     pub coalesce_above_streams: usize,
+    pub write_coalesce: Duration,
 }
 
 /// The Google engine, shared by all sessions.
@@ -174,6 +176,9 @@ impl GoogleEngine {
         if config.preroll_ms > 5_000 {
             return invalid("preroll_ms", "must be at most 5000");
         }
+        if config.write_coalesce_us > 20_000 {
+            return invalid("write_coalesce_us", "must be at most 20000 (one frame)");
+        }
         if config.coalesce_ms > 1_000 {
             return invalid("coalesce_ms", "must be at most 1000");
         }
@@ -204,6 +209,7 @@ impl GoogleEngine {
             use_enhanced: config.use_enhanced,
             coalesce: Duration::from_millis(config.coalesce_ms),
             coalesce_above_streams: config.coalesce_above_streams,
+            write_coalesce: Duration::from_micros(config.write_coalesce_us),
         };
         let endpoint = Endpoint::from_shared(config.endpoint.clone())
             .map_err(|_| bad_endpoint("not a valid endpoint"))?
@@ -342,7 +348,10 @@ impl Shared {
             }
             Ok((0..self.connections)
                 .map(|_| Connection {
-                    channel: endpoint.connect_lazy(),
+                    channel: endpoint.connect_with_connector_lazy(transport::Connector::new(
+                        self.settings.open_timeout,
+                        self.settings.write_coalesce,
+                    )),
                     streams: Arc::new(AtomicUsize::new(0)),
                 })
                 .collect())

@@ -1,0 +1,486 @@
+//! The TCP connections under the gRPC channels, with bounded write coalescing.
+//!
+//! HTTP/2 flushes after every burst of frames, and with a hundred streams on a connection each
+//! carrying a request every 20 ms, a burst is usually one stream's single request: one `writev`
+//! per audio message, the largest single cost of a loaded gateway (on loopback the kernel runs
+//! the receiver's side of TCP inside that call too). Holding the flush inside the connection
+//! does not work: h2 flushes before it buffers each further DATA frame, so a held flush would
+//! hold the whole connection to one frame per window.
+//!
+//! Instead each connection's socket writes are done by a small writer task. The connection
+//! appends its bytes to a shared buffer and a flush only asks the writer to write; the writer
+//! writes at once if the socket has been quiet for `window`, else when `window` since its last
+//! write has passed, taking whatever accumulated meanwhile. So a lone stream gains no latency,
+//! under load a request waits at most `window` (rounded up to the timer's millisecond), and a
+//! busy connection makes one system call per window instead of one per request. The buffer is
+//! bounded: above [`HIGH_WATER_BYTES`] writes wait for the writer (backpressure to HTTP/2). TLS,
+//! when configured, runs on top, so its records coalesce the same way.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep_until};
+use tonic::transport::Uri;
+
+/// Bytes held before writes wait for the writer: by then one system call carries many
+/// requests, and the connection must not buffer without bound.
+const HIGH_WATER_BYTES: usize = 64 * 1024;
+
+/// The connection's half of a coalesced socket: reads go straight to the socket, writes to the
+/// writer task. Dropping it lets the writer write what is held, then close the socket's write
+/// side.
+pub struct Coalesced<R> {
+    read: R,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer: a flush was asked for, the buffer is full, or the connection is gone.
+    wake_writer: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    buf: Vec<u8>,
+    flush: bool,
+    /// The connection asked to shut down, or was dropped.
+    closing: bool,
+    /// The writer wrote everything and shut the socket's write side.
+    closed: bool,
+    /// The socket failed; every later write and flush reports it.
+    failed: Option<(io::ErrorKind, String)>,
+    /// The connection, waiting for room or for the shutdown to finish.
+    waiting: Option<Waker>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bytes and flags: still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
+            None if self.closed => Err(io::ErrorKind::BrokenPipe.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn wake_connection(&mut self) {
+        if let Some(waker) = self.waiting.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl<R> Coalesced<R> {
+    /// Wrap a socket split into `read` and `write`; spawns the writer task.
+    pub fn new<W>(read: R, write: W, window: Duration) -> Coalesced<R>
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake_writer: Notify::new(),
+        });
+        tokio::spawn(writer(write, Arc::clone(&shared), window));
+        Coalesced { read, shared }
+    }
+
+    fn append(&self, cx: &mut Context<'_>, slices: &[&[u8]]) -> Poll<io::Result<usize>> {
+        let mut state = self.shared.lock();
+        state.check()?;
+        if state.closing {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if state.buf.len() >= HIGH_WATER_BYTES {
+            state.waiting = Some(cx.waker().clone());
+            drop(state);
+            self.shared.wake_writer.notify_one();
+            return Poll::Pending;
+        }
+        // A partial write past the mark keeps the buffer bounded; the caller writes the rest.
+        let mut room = HIGH_WATER_BYTES - state.buf.len();
+        let mut n = 0;
+        for slice in slices {
+            let take = slice.len().min(room);
+            state.buf.extend_from_slice(&slice[..take]);
+            n += take;
+            room -= take;
+            if room == 0 {
+                break;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<R> Drop for Coalesced<R> {
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.wake_writer.notify_one();
+    }
+}
+
+/// Write what the connection hands over, at most once per `window` while it is busy.
+async fn writer<W: AsyncWrite + Unpin>(mut socket: W, shared: Arc<Shared>, window: Duration) {
+    let mut out = Vec::new();
+    let mut last_write: Option<Instant> = None;
+    loop {
+        // Wait for something to do. `Notify` keeps a wake-up that arrives between the check
+        // and the wait.
+        let closing = loop {
+            {
+                let state = shared.lock();
+                if state.flush || state.closing || state.buf.len() >= HIGH_WATER_BYTES {
+                    break state.closing;
+                }
+            }
+            shared.wake_writer.notified().await;
+        };
+        if !closing && let Some(last) = last_write {
+            let until = last + window;
+            if Instant::now() < until && shared.lock().buf.len() < HIGH_WATER_BYTES {
+                sleep_until(until).await;
+            }
+        }
+        let closing = {
+            let mut state = shared.lock();
+            std::mem::swap(&mut out, &mut state.buf);
+            state.flush = false;
+            state.wake_connection();
+            state.closing
+        };
+        let mut result = Ok(());
+        if !out.is_empty() {
+            result = socket.write_all(&out).await;
+            last_write = Some(Instant::now());
+        }
+        if result.is_ok() {
+            result = socket.flush().await;
+        }
+        // A buffer grown by a burst is given back rather than held for the connection's life.
+        if out.capacity() > 2 * HIGH_WATER_BYTES {
+            out = Vec::new();
+        }
+        out.clear();
+        if let Err(error) = result {
+            let mut state = shared.lock();
+            state.failed = Some((error.kind(), error.to_string()));
+            state.wake_connection();
+            return;
+        }
+        if closing && shared.lock().buf.is_empty() {
+            let result = socket.shutdown().await;
+            let mut state = shared.lock();
+            if let Err(error) = result {
+                state.failed = Some((error.kind(), error.to_string()));
+            }
+            state.closed = true;
+            state.wake_connection();
+            return;
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Coalesced<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for Coalesced<R> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.append(cx, &[data])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let slices: Vec<&[u8]> = data.iter().map(|slice| &**slice).collect();
+        self.append(cx, &slices)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    /// Asks the writer to write; does not wait for it (that is the point).
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.shared.lock();
+        state.check()?;
+        if !state.buf.is_empty() {
+            state.flush = true;
+            drop(state);
+            self.shared.wake_writer.notify_one();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits until the writer wrote everything and shut the socket's write side.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Poll::Ready(state.failed.as_ref().map_or(Ok(()), |(kind, message)| {
+                Err(io::Error::new(*kind, message.clone()))
+            }));
+        }
+        if let Some((kind, message)) = &state.failed {
+            return Poll::Ready(Err(io::Error::new(*kind, message.clone())));
+        }
+        state.closing = true;
+        state.waiting = Some(cx.waker().clone());
+        drop(state);
+        self.shared.wake_writer.notify_one();
+        Poll::Pending
+    }
+}
+
+/// hyper's TCP connector (nodelay, connect timeout), its sockets wrapped in [`Coalesced`].
+#[derive(Clone)]
+pub struct Connector {
+    http: HttpConnector,
+    window: Duration,
+}
+
+impl Connector {
+    pub fn new(connect_timeout: Duration, window: Duration) -> Connector {
+        let mut http = HttpConnector::new();
+        // The scheme is for tonic to act on (TLS on top for https), not for the TCP connector.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        Connector { http, window }
+    }
+}
+
+type Connecting =
+    Pin<Box<dyn Future<Output = io::Result<TokioIo<Coalesced<OwnedReadHalf>>>> + Send + 'static>>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Coalesced<OwnedReadHalf>>;
+    type Error = io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(io::Error::other)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = tower_service::Service::call(&mut self.http, uri);
+        let window = self.window;
+        Box::pin(async move {
+            let stream: TcpStream = connecting.await.map_err(io::Error::other)?.into_inner();
+            let (read, write) = stream.into_split();
+            Ok(TokioIo::new(Coalesced::new(read, write, window)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    type Writes = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
+    /// Records each write the "socket" takes, and when, and whether it was shut down.
+    #[derive(Clone, Default)]
+    struct Socket(Writes, Arc<Mutex<bool>>);
+
+    impl Socket {
+        fn writes(&self) -> Vec<Vec<u8>> {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, w)| w.clone())
+                .collect()
+        }
+
+        fn times(&self) -> Vec<Instant> {
+            self.0.lock().unwrap().iter().map(|(t, _)| *t).collect()
+        }
+
+        fn shut(&self) -> bool {
+            *self.1.lock().unwrap()
+        }
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push((Instant::now(), data.to_vec()));
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            *self.1.lock().unwrap() = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A socket that fails every write.
+    struct Broken;
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    const WINDOW: Duration = Duration::from_millis(2);
+
+    /// Let the writer task run (paused time does not advance while it has work).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_writes_at_once_and_a_busy_one_once_per_window() {
+        let socket = Socket::default();
+        let mut io = Coalesced::new(tokio::io::empty(), socket.clone(), WINDOW);
+        let started = Instant::now();
+        io.write_all(b"a").await.unwrap();
+        io.flush().await.unwrap();
+        settle().await;
+        assert_eq!(
+            socket.writes(),
+            [b"a".to_vec()],
+            "the first flush goes out at once"
+        );
+        assert_eq!(socket.times(), [started]);
+
+        // Within the window: held, then written together when it ends.
+        tokio::time::advance(Duration::from_micros(500)).await;
+        io.write_all(b"b").await.unwrap();
+        io.flush().await.unwrap();
+        io.write_all(b"c").await.unwrap();
+        io.flush().await.unwrap();
+        settle().await;
+        assert_eq!(socket.writes().len(), 1, "held while the window runs");
+        tokio::time::sleep(WINDOW).await;
+        settle().await;
+        assert_eq!(socket.writes(), [b"a".to_vec(), b"bc".to_vec()]);
+        assert!(socket.times()[1] <= started + WINDOW + Duration::from_millis(1));
+
+        // After a quiet window: straight out again.
+        tokio::time::advance(WINDOW * 3).await;
+        let before = Instant::now();
+        io.write_all(b"d").await.unwrap();
+        io.flush().await.unwrap();
+        settle().await;
+        assert_eq!(socket.writes().last().unwrap(), b"d");
+        assert_eq!(*socket.times().last().unwrap(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_without_a_flush_wait_and_a_full_buffer_pushes_back() {
+        let socket = Socket::default();
+        let mut io = Coalesced::new(tokio::io::empty(), socket.clone(), WINDOW);
+        io.write_all(b"x").await.unwrap();
+        tokio::time::sleep(WINDOW * 5).await;
+        assert!(
+            socket.writes().is_empty(),
+            "nothing is written before a flush"
+        );
+
+        // More than the high-water mark: write_all completes only because the writer drains.
+        let big = vec![7u8; 3 * HIGH_WATER_BYTES];
+        io.write_all(&big).await.unwrap();
+        io.flush().await.unwrap();
+        tokio::time::sleep(WINDOW * 5).await;
+        let total: usize = socket.writes().iter().map(Vec::len).sum();
+        assert_eq!(total, 1 + big.len(), "every byte reached the socket once");
+        assert!(
+            socket
+                .writes()
+                .iter()
+                .all(|w| w.len() <= 2 * HIGH_WATER_BYTES)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_and_drop_write_what_is_held() {
+        let socket = Socket::default();
+        let mut io = Coalesced::new(tokio::io::empty(), socket.clone(), WINDOW);
+        io.write_all(b"first").await.unwrap();
+        io.flush().await.unwrap();
+        io.write_all(b"last").await.unwrap();
+        io.shutdown().await.unwrap();
+        assert_eq!(socket.writes().concat(), b"firstlast");
+        assert!(socket.shut());
+
+        let socket = Socket::default();
+        let mut io = Coalesced::new(tokio::io::empty(), socket.clone(), WINDOW);
+        io.write_all(b"unflushed").await.unwrap();
+        drop(io);
+        tokio::time::sleep(WINDOW).await;
+        assert_eq!(socket.writes().concat(), b"unflushed");
+        assert!(socket.shut());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_socket_fails_later_writes() {
+        let mut io = Coalesced::new(tokio::io::empty(), Broken, WINDOW);
+        io.write_all(b"lost").await.unwrap();
+        io.flush().await.unwrap();
+        settle().await;
+        let error = io.write_all(b"more").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            io.flush().await.unwrap_err().kind(),
+            io::ErrorKind::ConnectionReset
+        );
+    }
+}
