@@ -422,9 +422,11 @@ async fn interims_while_speaking_and_a_final_per_sentence() {
         speech.len() / 16_000
     );
     // After the end of speech (its VAD hangover included): end_of_utterance (300 ms) for the
-    // first, none for the last (end of input), plus a decode (~0.35 s on one core).
+    // first, none for the last (end of input), plus a decode: ~0.35 s on one core of a quiet
+    // machine, 2.8 s measured on a loaded, slower one. The bound only catches a final held
+    // back to a later utterance or a timeout; decode speed is for the benches.
     for latency in &out.final_latency {
-        assert!(*latency < Duration::from_millis(1_500), "{latency:?}");
+        assert!(*latency < Duration::from_secs(6), "{latency:?}");
     }
 }
 
