@@ -46,6 +46,9 @@ enum Command {
     /// Load-test a voxflow server with many real-time clients (`--spawn` starts the server and
     /// the emulator itself) and report latency, loss, CPU and memory.
     Loadtest(voxflow::loadtest::LoadtestArgs),
+    /// A bare-minimum gateway (no VAD, batching, limits or metrics) to compare voxflow with:
+    /// `voxflow loadtest --spawn --reference` runs it. Not for production.
+    ReferenceGateway(voxflow::loadtest::ReferenceArgs),
     /// Get or convert the offline Whisper model.
     Models {
         #[command(subcommand)]
@@ -93,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             Command::Serve { config } => serve(config).await,
             Command::Stream(args) => voxflow::client::stream(args).await,
             Command::Loadtest(args) => voxflow::loadtest::run(args).await,
+            Command::ReferenceGateway(args) => voxflow::loadtest::reference::run(args).await,
             Command::Emulator { listen, config } => {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await

@@ -12,6 +12,7 @@
 mod audio;
 mod client;
 mod progress;
+pub mod reference;
 mod report;
 mod server;
 
@@ -27,6 +28,7 @@ use tokio::time::Instant;
 use self::audio::{Clip, ClipSpec};
 pub use self::client::Mode;
 use self::progress::Live;
+pub use self::reference::ReferenceArgs;
 use self::report::{ClientTotals, ProcessReport, Report, Slo};
 use self::server::{ProcSample, Spawned};
 
@@ -75,6 +77,11 @@ pub struct LoadtestArgs {
     /// loopback ports for each run, sized for the client count.
     #[arg(long)]
     pub spawn: bool,
+    /// With --spawn: start the bare-minimum reference gateway (`voxflow reference-gateway`:
+    /// one upstream stream per client, every frame forwarded at once, no VAD, batching or
+    /// metrics) instead of `voxflow serve`, to compare voxflow with on the same machine.
+    #[arg(long, requires = "spawn")]
+    pub reference: bool,
     /// Extra environment for the spawned server, `KEY=VALUE` (e.g.
     /// `VOXFLOW_VAD__ENABLED=false`); repeatable.
     #[arg(long = "server-env", value_parser = parse_env)]
@@ -195,7 +202,7 @@ fn finish(args: &LoadtestArgs, report: &Report) -> anyhow::Result<()> {
 
 async fn run_once(args: &LoadtestArgs, clients: usize, clip: &Arc<Clip>) -> anyhow::Result<Report> {
     let spawned = if args.spawn {
-        Some(Spawned::start(clients, &args.server_env).await?)
+        Some(Spawned::start(clients, &args.server_env, args.reference).await?)
     } else {
         None
     };

@@ -101,7 +101,11 @@ impl Spawned {
     ///
     /// # Errors
     /// When a process cannot start or the server is not ready within 30 s.
-    pub async fn start(clients: usize, server_env: &[(String, String)]) -> anyhow::Result<Spawned> {
+    pub async fn start(
+        clients: usize,
+        server_env: &[(String, String)],
+        reference: bool,
+    ) -> anyhow::Result<Spawned> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let [ws, metrics, speech] = free_ports()?;
         let logs = std::env::temp_dir().join(format!("voxflow-loadtest-{}", std::process::id()));
@@ -121,20 +125,32 @@ impl Spawned {
         let sessions = (clients + 100).to_string();
         let connections = clients.div_ceil(100).max(4).to_string();
         let mut server = Command::new(&exe);
-        server
-            .arg("serve")
-            .env("VOXFLOW_LOG", "warn")
-            .env("VOXFLOW_SERVER__LISTEN", format!("127.0.0.1:{ws}"))
-            .env("VOXFLOW_METRICS__LISTEN", format!("127.0.0.1:{metrics}"))
-            .env("VOXFLOW_STT__ENGINE", "google")
-            .env(
-                "VOXFLOW_STT__GOOGLE__ENDPOINT",
-                format!("http://127.0.0.1:{speech}"),
-            )
-            .env("VOXFLOW_STT__GOOGLE__AUTH", "none")
-            .env("VOXFLOW_STT__GOOGLE__CONNECTIONS", connections)
-            .env("VOXFLOW_LIMITS__MAX_SESSIONS", &sessions)
-            .env("VOXFLOW_LIMITS__MAX_SESSIONS_PER_IP", &sessions);
+        if reference {
+            server.args([
+                "reference-gateway",
+                "--listen",
+                &format!("127.0.0.1:{ws}"),
+                "--upstream",
+                &format!("http://127.0.0.1:{speech}"),
+                "--connections",
+                &connections,
+            ]);
+        } else {
+            server
+                .arg("serve")
+                .env("VOXFLOW_SERVER__LISTEN", format!("127.0.0.1:{ws}"))
+                .env("VOXFLOW_METRICS__LISTEN", format!("127.0.0.1:{metrics}"))
+                .env("VOXFLOW_STT__ENGINE", "google")
+                .env(
+                    "VOXFLOW_STT__GOOGLE__ENDPOINT",
+                    format!("http://127.0.0.1:{speech}"),
+                )
+                .env("VOXFLOW_STT__GOOGLE__AUTH", "none")
+                .env("VOXFLOW_STT__GOOGLE__CONNECTIONS", &connections)
+                .env("VOXFLOW_LIMITS__MAX_SESSIONS", &sessions)
+                .env("VOXFLOW_LIMITS__MAX_SESSIONS_PER_IP", &sessions);
+        }
+        server.env("VOXFLOW_LOG", "warn");
         for (key, value) in server_env {
             server.env(key, value);
         }
@@ -143,7 +159,7 @@ impl Spawned {
             .stderr(log("server.log")?)
             .kill_on_drop(true)
             .spawn()
-            .context("cannot start `voxflow serve`")?;
+            .context("cannot start the server")?;
         let mut spawned = Spawned {
             emulator,
             server,
@@ -153,7 +169,14 @@ impl Spawned {
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if http_get(&spawned.metrics, "/readyz").await.is_ok() {
+            let ready = if reference {
+                tokio::net::TcpStream::connect(("127.0.0.1", ws))
+                    .await
+                    .is_ok()
+            } else {
+                http_get(&spawned.metrics, "/readyz").await.is_ok()
+            };
+            if ready {
                 return Ok(spawned);
             }
             if let Some(status) = spawned.server.try_wait()? {
