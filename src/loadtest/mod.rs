@@ -209,7 +209,8 @@ async fn run_once(args: &LoadtestArgs, clients: usize, clip: &Arc<Clip>) -> anyh
     let (url, metrics, server_pid, emulator_pid) = match &spawned {
         Some(s) => (
             s.url.clone(),
-            Some(s.metrics.clone()),
+            // The reference gateway has no metrics listener.
+            (!args.reference).then(|| s.metrics.clone()),
             s.server_pid(),
             s.emulator_pid(),
         ),

@@ -181,13 +181,13 @@ impl Spawned {
             }
             if let Some(status) = spawned.server.try_wait()? {
                 bail!(
-                    "`voxflow serve` exited ({status}); see {}",
+                    "the server exited ({status}); see {}",
                     spawned.logs.join("server.log").display()
                 );
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
-                    "`voxflow serve` not ready within 30 s; see {}",
+                    "the server was not ready within 30 s; see {}",
                     spawned.logs.display()
                 );
             }

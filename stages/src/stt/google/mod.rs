@@ -215,8 +215,7 @@ impl GoogleEngine {
             .map_err(|_| bad_endpoint("not a valid endpoint"))?
             .user_agent(concat!("voxflow/", env!("CARGO_PKG_VERSION")))
             .map_err(|_| bad_endpoint("user agent"))?
-            .tcp_nodelay(true)
-            .connect_timeout(settings.open_timeout)
+            // TCP settings (nodelay, connect timeout) are the connector's: see `pool`.
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);

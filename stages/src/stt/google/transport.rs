@@ -74,9 +74,18 @@ impl Shared {
 }
 
 impl State {
+    fn failure(&self) -> Option<io::Error> {
+        let (kind, message) = self.failed.as_ref()?;
+        Some(io::Error::new(*kind, message.clone()))
+    }
+
+    fn fail(&mut self, error: &io::Error) {
+        self.failed = Some((error.kind(), error.to_string()));
+    }
+
     fn check(&self) -> io::Result<()> {
-        match &self.failed {
-            Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
+        match self.failure() {
+            Some(error) => Err(error),
             None if self.closed => Err(io::ErrorKind::BrokenPipe.into()),
             None => Ok(()),
         }
@@ -103,7 +112,7 @@ impl<R> Coalesced<R> {
         Coalesced { read, shared }
     }
 
-    fn append(&self, cx: &mut Context<'_>, slices: &[&[u8]]) -> Poll<io::Result<usize>> {
+    fn append(&self, cx: &mut Context<'_>, slices: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let mut state = self.shared.lock();
         state.check()?;
         if state.closing {
@@ -182,7 +191,7 @@ async fn writer<W: AsyncWrite + Unpin>(mut socket: W, shared: Arc<Shared>, windo
         out.clear();
         if let Err(error) = result {
             let mut state = shared.lock();
-            state.failed = Some((error.kind(), error.to_string()));
+            state.fail(&error);
             state.wake_connection();
             return;
         }
@@ -190,7 +199,7 @@ async fn writer<W: AsyncWrite + Unpin>(mut socket: W, shared: Arc<Shared>, windo
             let result = socket.shutdown().await;
             let mut state = shared.lock();
             if let Err(error) = result {
-                state.failed = Some((error.kind(), error.to_string()));
+                state.fail(&error);
             }
             state.closed = true;
             state.wake_connection();
@@ -215,7 +224,7 @@ impl<R: Unpin> AsyncWrite for Coalesced<R> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.append(cx, &[data])
+        self.append(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -223,8 +232,7 @@ impl<R: Unpin> AsyncWrite for Coalesced<R> {
         cx: &mut Context<'_>,
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let slices: Vec<&[u8]> = data.iter().map(|slice| &**slice).collect();
-        self.append(cx, &slices)
+        self.append(cx, data)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -246,13 +254,11 @@ impl<R: Unpin> AsyncWrite for Coalesced<R> {
     /// Waits until the writer wrote everything and shut the socket's write side.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = self.shared.lock();
-        if state.closed {
-            return Poll::Ready(state.failed.as_ref().map_or(Ok(()), |(kind, message)| {
-                Err(io::Error::new(*kind, message.clone()))
-            }));
+        if let Some(error) = state.failure() {
+            return Poll::Ready(Err(error));
         }
-        if let Some((kind, message)) = &state.failed {
-            return Poll::Ready(Err(io::Error::new(*kind, message.clone())));
+        if state.closed {
+            return Poll::Ready(Ok(()));
         }
         state.closing = true;
         state.waiting = Some(cx.waker().clone());
@@ -311,28 +317,42 @@ mod tests {
 
     use super::*;
 
+    /// Each write the socket took, and when.
     type Writes = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
 
-    /// Records each write the "socket" takes, and when, and whether it was shut down.
+    /// Records each write the "socket" takes, and when, and whether it was shut down; a
+    /// broken one fails every write.
     #[derive(Clone, Default)]
-    struct Socket(Writes, Arc<Mutex<bool>>);
+    struct Socket {
+        writes: Writes,
+        shut: Arc<Mutex<bool>>,
+        broken: bool,
+    }
 
     impl Socket {
+        fn broken() -> Socket {
+            Socket {
+                broken: true,
+                ..Socket::default()
+            }
+        }
+
         fn writes(&self) -> Vec<Vec<u8>> {
-            self.0
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(_, w)| w.clone())
-                .collect()
+            let writes = self.writes.lock().unwrap();
+            writes.iter().map(|(_, w)| w.clone()).collect()
         }
 
         fn times(&self) -> Vec<Instant> {
-            self.0.lock().unwrap().iter().map(|(t, _)| *t).collect()
+            self.writes
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, _)| *t)
+                .collect()
         }
 
         fn shut(&self) -> bool {
-            *self.1.lock().unwrap()
+            *self.shut.lock().unwrap()
         }
     }
 
@@ -342,7 +362,13 @@ mod tests {
             _cx: &mut Context<'_>,
             data: &[u8],
         ) -> Poll<io::Result<usize>> {
-            self.0.lock().unwrap().push((Instant::now(), data.to_vec()));
+            if self.broken {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            self.writes
+                .lock()
+                .unwrap()
+                .push((Instant::now(), data.to_vec()));
             Poll::Ready(Ok(data.len()))
         }
 
@@ -351,28 +377,7 @@ mod tests {
         }
 
         fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            *self.1.lock().unwrap() = true;
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// A socket that fails every write.
-    struct Broken;
-
-    impl AsyncWrite for Broken {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            *self.shut.lock().unwrap() = true;
             Poll::Ready(Ok(()))
         }
     }
@@ -472,7 +477,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_socket_fails_later_writes() {
-        let mut io = Coalesced::new(tokio::io::empty(), Broken, WINDOW);
+        let mut io = Coalesced::new(tokio::io::empty(), Socket::broken(), WINDOW);
         io.write_all(b"lost").await.unwrap();
         io.flush().await.unwrap();
         settle().await;
