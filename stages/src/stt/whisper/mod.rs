@@ -849,10 +849,14 @@ impl Session {
         if decoded.text.is_empty() {
             return None;
         }
-        if !job.is_final && self.segmenter.current().map(|u| u.id) != Some(job.utterance_id) {
-            // The utterance has ended meanwhile; its final follows.
-            return None;
-        }
+        // An interim whose utterance ended while it was decoded is still sent: a final is
+        // only submitted once nothing is in flight, so this interim precedes its utterance's
+        // final, and on a loaded machine it is the first text the client sees.
+        debug_assert!(
+            job.is_final
+                || self.segmenter.current().map(|u| u.id) == Some(job.utterance_id)
+                || self.ended.front().map(|u| u.id) == Some(job.utterance_id)
+        );
         Some(EngineResult {
             is_final: job.is_final,
             transcript: decoded.text,
