@@ -94,7 +94,7 @@ struct Upstream {
     /// half-closing it.
     responses: Responses,
     /// `None` once half-closed.
-    requests: Option<mpsc::Sender<StreamingRecognizeRequest>>,
+    requests: Option<mpsc::Sender<Vec<u8>>>,
     /// Held for the stream's life (frees the connection's stream count); also says how busy the
     /// connection is.
     slot: StreamSlot,
@@ -515,11 +515,8 @@ impl Session {
                 bytes.extend_from_slice(&sample.to_le_bytes());
             }
         }
-        let request = StreamingRecognizeRequest {
-            streaming_request: Some(StreamingRequest::AudioContent(bytes)),
-        };
         // Room was reserved by `wait`; only this task sends.
-        if requests.try_send(request).is_err() {
+        if requests.try_send(bytes).is_err() {
             return;
         }
         record_segment(&mut up.segments, up.samples_sent, from, len as u64);
@@ -902,7 +899,7 @@ async fn next_response(
     }
 }
 
-async fn writable(requests: Option<&mpsc::Sender<StreamingRecognizeRequest>>) -> bool {
+async fn writable(requests: Option<&mpsc::Sender<Vec<u8>>>) -> bool {
     match requests {
         Some(requests) => requests.reserve().await.is_ok(),
         None => std::future::pending().await,
