@@ -46,9 +46,11 @@ pub fn install_recorder() -> PrometheusHandle {
 
 pub(super) async fn serve(listener: TcpListener, handle: PrometheusHandle, shared: Arc<Shared>) {
     // Histograms keep raw samples until drained; upkeep bounds that memory between scrapes.
+    // Every frame records a few samples: with a 5 s upkeep they held ~20 KiB per stream
+    // (heaptrack, 200 streams); upkeep every second holds a fifth of that for the same work.
     let upkeep = handle.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             upkeep.run_upkeep();
