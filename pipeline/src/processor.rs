@@ -247,6 +247,22 @@ impl<T: AudioLength + Send + 'static> Downstream<T> for EdgeTx<Flow<T>> {
     async fn finish(&mut self) {}
 }
 
+/// A boxed downstream: what a chain of inline stages is passed down as, so the nested futures
+/// that carry it (session, ingress, read loop) each hold a pointer, not a copy of kilobytes.
+impl<T: Send, D: Downstream<T>> Downstream<T> for Box<D> {
+    fn send_data(&mut self, item: T) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        (**self).send_data(item)
+    }
+
+    fn send_finalize(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        (**self).send_finalize()
+    }
+
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        (**self).finish()
+    }
+}
+
 /// A processor run inside the task that feeds it, in front of its output edge: what
 /// [`run_processor`] does, without a queue and a task wake-up per item.
 pub struct Inline<P: Processor> {

@@ -87,7 +87,7 @@ async fn session(tcp: TcpStream, channel: Channel) -> anyhow::Result<()> {
     };
     // The same socket buffers as voxflow's sessions, so memory compares like for like.
     let config = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(0);
     let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await?;
     let (mut sink, mut stream) = ws.split();

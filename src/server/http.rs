@@ -174,8 +174,9 @@ fn upgrade(
         .max_message_size(Some(shared.settings.max_message_bytes))
         .max_frame_size(Some(shared.settings.max_message_bytes))
         // tungstenite reads into a 128 KiB buffer by default, which dominated an idle session's
-        // memory. Audio frames are a few KiB; the buffer grows for larger messages.
-        .read_buffer_size(8 * 1024)
+        // memory. A 20 ms frame is under 1 KiB (binary) or 1.2 KiB (JSON); the buffer grows
+        // for larger messages.
+        .read_buffer_size(4 * 1024)
         // Small write buffers: a slow reader must push back, not make the server buffer for it.
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024);

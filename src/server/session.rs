@@ -317,13 +317,13 @@ impl Front<'_> {
                 tail.run(to_decode).await
             }
             None => {
-                let inline = Inline::new(
+                let inline = Box::new(Inline::new(
                     front,
                     self.ingress.clone(),
                     self.decode.clone(),
                     out,
                     Arc::clone(self.session),
-                );
+                ));
                 tail.run(inline).await
             }
         }

@@ -39,8 +39,9 @@ pub struct Vad {
 struct Model {
     detector: Box<earshot::Detector>,
     shortcut: Shortcut,
-    /// The last windows not fed to the detector, oldest first.
-    unfed: [[i16; WINDOW]; RESYNC_WINDOWS],
+    /// The last windows not fed to the detector, oldest first. Boxed: the stage is moved
+    /// through several nested futures, each of which would otherwise hold its own copy.
+    unfed: Box<[[i16; WINDOW]; RESYNC_WINDOWS]>,
     unfed_len: usize,
     /// Windows the detector has scored, replays included (for tests).
     #[cfg(test)]
@@ -52,7 +53,7 @@ impl Model {
         Model {
             detector: earshot::Detector::default_boxed(),
             shortcut: Shortcut::new(settings.max_unscored_windows, settings.threshold),
-            unfed: [[0; WINDOW]; RESYNC_WINDOWS],
+            unfed: Box::new([[0; WINDOW]; RESYNC_WINDOWS]),
             unfed_len: 0,
             #[cfg(test)]
             runs: 0,
@@ -69,7 +70,7 @@ impl Model {
                 return plan == Plan::Speech;
             }
             Plan::Score => {
-                let unfed = self.unfed;
+                let unfed = *self.unfed;
                 for skipped in &unfed[..self.unfed_len] {
                     self.predict(skipped);
                 }
