@@ -22,7 +22,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, clap::Args)]
@@ -85,10 +84,7 @@ async fn session(tcp: TcpStream, channel: Channel) -> anyhow::Result<()> {
         query = request.uri().query().unwrap_or_default().to_owned();
         Ok(response)
     };
-    // The same socket buffers as voxflow's sessions, so memory compares like for like.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0);
+    let config = crate::server::socket_buffers();
     let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await?;
     let (mut sink, mut stream) = ws.split();
     let mut fields = form_urlencoded::parse(query.as_bytes());

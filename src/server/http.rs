@@ -92,6 +92,17 @@ fn route(
     }
 }
 
+/// A session socket's buffers (also the reference gateway's, so memory compares like for like).
+pub(crate) fn socket_buffers() -> WebSocketConfig {
+    WebSocketConfig::default()
+        // tungstenite reads into a 128 KiB buffer by default, which dominated an idle session's
+        // memory. A 20 ms frame is under 1 KiB (binary) or 1.2 KiB (JSON); the buffer grows
+        // for larger messages.
+        .read_buffer_size(4 * 1024)
+        // Small write buffers: a slow reader must push back, not make the server buffer for it.
+        .write_buffer_size(0)
+}
+
 fn upgrade(
     mut request: Request<Incoming>,
     peer: SocketAddr,
@@ -170,15 +181,9 @@ fn upgrade(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let config = WebSocketConfig::default()
+    let config = socket_buffers()
         .max_message_size(Some(shared.settings.max_message_bytes))
         .max_frame_size(Some(shared.settings.max_message_bytes))
-        // tungstenite reads into a 128 KiB buffer by default, which dominated an idle session's
-        // memory. A 20 ms frame is under 1 KiB (binary) or 1.2 KiB (JSON); the buffer grows
-        // for larger messages.
-        .read_buffer_size(4 * 1024)
-        // Small write buffers: a slow reader must push back, not make the server buffer for it.
-        .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024);
     let tracker = shared.tracker.clone();
     tracing::debug!(%peer, method = grant.method, key = grant.key_id.as_deref().unwrap_or(""), "Upgrade accepted.");
