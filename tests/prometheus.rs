@@ -407,6 +407,27 @@ async fn every_dashboard_and_alert_expression_parses_and_returns_data() {
         }
     }
 
+    // The exposition itself, as Prometheus's own linter reads it: the exporter's families and
+    // the per-thread ones rendered by voxflow, each declared once.
+    let (status, text) = get(main.metrics_addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool comes with prometheus");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let linted = promtool.wait_with_output().unwrap();
+    if !linted.status.success() {
+        failures.push(format!(
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&linted.stdout),
+            String::from_utf8_lossy(&linted.stderr)
+        ));
+    }
+
     streaming.store(false, Ordering::Relaxed);
     traffic.await.unwrap();
     eprintln!("{}", report.join("\n"));

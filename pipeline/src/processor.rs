@@ -59,7 +59,7 @@ pub trait Processor: Send + 'static {
     ) -> Result<(), Self::Error> {
         let started = Instant::now();
         let result = self.process(item, out);
-        metrics.processing.record(started.elapsed().as_secs_f64());
+        metrics.processing(started.elapsed());
         result
     }
 }
@@ -106,8 +106,8 @@ where
     /// Hand what the first stage produced to the second, counted on both sides.
     fn pass_on(&mut self, out: &mut Vec<B::Out>) -> Result<(), ChainError<A::Error, B::Error>> {
         let n = self.between.len() as u64;
-        self.first_metrics.sent.increment(n);
-        self.second_metrics.received.increment(n);
+        self.first_metrics.sent(n);
+        self.second_metrics.received(n);
         for item in self.between.drain(..) {
             self.second
                 .process_recorded(item, out, &self.second_metrics)
@@ -298,8 +298,8 @@ impl<P: Processor> Inline<P> {
 
 impl<P: Processor> Downstream<P::In> for Inline<P> {
     async fn send_data(&mut self, item: P::In) -> Result<(), EdgeError> {
-        self.from.sent.increment(1);
-        self.metrics.received.increment(1);
+        self.from.sent(1);
+        self.metrics.received(1);
         if let Err(error) = self
             .processor
             .process_recorded(item, &mut self.out, &self.metrics)

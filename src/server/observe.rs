@@ -74,9 +74,16 @@ pub(super) async fn serve(listener: TcpListener, handle: PrometheusHandle, share
     }
 }
 
+/// The exporter's families, then the per-item ones kept per thread.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut body = handle.render();
+    pipeline::metrics::render_sharded(&mut body);
+    body
+}
+
 fn respond(path: &str, handle: &PrometheusHandle, shared: &Shared) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", render(handle)),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => match not_ready(shared) {
             None => (StatusCode::OK, "text/plain", "ready\n".to_string()),

@@ -78,7 +78,7 @@ pub fn edge<T>(
         rx: Arc::clone(&rx),
         settings,
         from: from.clone(),
-        to_depth: to.queue_depth.clone(),
+        to: to.clone(),
         session: Arc::clone(session),
     };
     let edge_rx = EdgeRx {
@@ -95,7 +95,8 @@ pub struct EdgeTx<T> {
     rx: Arc<Mutex<mpsc::Receiver<T>>>,
     settings: EdgeSettings,
     from: StageMetrics,
-    to_depth: metrics::Gauge,
+    /// The receiving stage's, for its queue depth.
+    to: StageMetrics,
     session: Arc<SessionShared>,
 }
 
@@ -172,7 +173,7 @@ impl<T: AudioLength> EdgeTx<T> {
             OverflowPolicy::DropOldest => {
                 let evicted = self.rx.lock().unwrap_or_else(|e| e.into_inner()).try_recv();
                 if let Ok(old) = evicted {
-                    self.to_depth.decrement(1.0);
+                    self.to.queue_depth(-1);
                     self.drop_item(&old, DropReason::OverflowOldest);
                 }
                 match self.tx.try_send(item) {
@@ -196,8 +197,8 @@ impl<T: AudioLength> EdgeTx<T> {
     }
 
     fn sent(&self) {
-        self.from.sent.increment(1);
-        self.to_depth.increment(1.0);
+        self.from.sent(1);
+        self.to.queue_depth(1);
     }
 
     fn drop_item(&self, item: &T, reason: DropReason) {
@@ -270,8 +271,8 @@ impl<T> EdgeRx<T> {
         })
         .await;
         if item.is_some() {
-            self.metrics.received.increment(1);
-            self.metrics.queue_depth.decrement(1.0);
+            self.metrics.received(1);
+            self.metrics.queue_depth(-1);
         }
         item
     }
@@ -297,7 +298,7 @@ impl<T: AudioLength> EdgeRx<T> {
         let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         rx.close();
         while let Ok(item) = rx.try_recv() {
-            self.metrics.queue_depth.decrement(1.0);
+            self.metrics.queue_depth(-1);
             self.metrics.dropped(DropReason::Closed, item.audio_us());
         }
     }
@@ -313,7 +314,7 @@ impl<T> Drop for EdgeRx<T> {
         while rx.try_recv().is_ok() {
             left += 1;
         }
-        self.metrics.queue_depth.decrement(left as f64);
+        self.metrics.queue_depth(-(left as i64));
         if left > 0 {
             tracing::debug!(
                 stage = self.metrics.stage,

@@ -40,7 +40,7 @@ pub async fn run(
                     Some(Flow::Data(frame)) => {
                         let started = Instant::now();
                         let full = builder.push(frame);
-                        metrics.processing.record(started.elapsed().as_secs_f64());
+                        metrics.processing(started.elapsed());
                         for batch in full {
                             output.send_data(batch).await?;
                         }

@@ -9,13 +9,15 @@ mod g711;
 #[cfg(test)]
 mod tests;
 
+use std::time::Duration;
+
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use pipeline::audio::PayloadData;
 use pipeline::metrics::{ErrorKind, sessions};
 use pipeline::processor::StageError;
 use pipeline::session::close_code;
-use pipeline::{AudioFormat, AudioFrame, Encoding, Payload, Processor, SessionError};
+use pipeline::{AudioFormat, AudioFrame, AudioLength, Encoding, Payload, Processor, SessionError};
 
 /// Standard alphabet; padding optional, since clients differ.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -71,7 +73,6 @@ pub struct Decode {
     position: u64,
     bytes: Vec<u8>,
     pcm: Vec<i16>,
-    frame_seconds: pipeline::metrics::Histogram,
 }
 
 impl Decode {
@@ -114,7 +115,6 @@ impl Decode {
             position: 0,
             bytes: Vec::new(),
             pcm: Vec::new(),
-            frame_seconds: sessions::audio_frame(),
         })
     }
 
@@ -203,8 +203,7 @@ impl Processor for Decode {
             samples,
         };
         self.position = frame.end_sample();
-        self.frame_seconds
-            .record(frame.samples.len() as f64 / f64::from(self.format.sample_rate_hz));
+        sessions::audio_frame(Duration::from_micros(frame.audio_us()));
         out.push(frame);
         Ok(())
     }

@@ -88,7 +88,7 @@ where
         if self.write(ready).await.is_err() {
             return Outcome::ClientGone;
         }
-        metrics.sent.increment(1);
+        metrics.sent(1);
         loop {
             let step = tokio::select! {
                 biased;
@@ -97,10 +97,10 @@ where
                     Some(result) => {
                         let started = Instant::now();
                         let json = self.transcript(&result);
-                        metrics.processing.record(started.elapsed().as_secs_f64());
+                        metrics.processing(started.elapsed());
                         let written = self.write(json).await;
                         if written.is_ok() {
-                            metrics.sent.increment(1);
+                            metrics.sent(1);
                             if result.is_final { self.finals.increment(1) } else { self.interim.increment(1) }
                         }
                         written.map(|()| None)

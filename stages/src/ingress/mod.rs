@@ -191,7 +191,7 @@ impl Ingress {
         message: Message,
         output: &mut D,
     ) -> Option<IngressEnd> {
-        self.metrics.received.increment(1);
+        self.metrics.received(1);
         let started = Instant::now();
         let flow = match message {
             Message::Text(text) => {
@@ -238,9 +238,7 @@ impl Ingress {
             // tungstenite answers pings itself.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
         };
-        self.metrics
-            .processing
-            .record(started.elapsed().as_secs_f64());
+        self.metrics.processing(started.elapsed());
         let sent = match flow {
             Flow::Data(payload) => {
                 self.received_us

@@ -146,7 +146,7 @@ pub async fn run(
                     clock.received(&result);
                     let started = Instant::now();
                     let sent = output.send(result).await;
-                    metrics.processing.record(started.elapsed().as_secs_f64());
+                    metrics.processing(started.elapsed());
                     if let Err(error) = sent {
                         on_send_error(&error, &metrics, &session);
                         input.close();

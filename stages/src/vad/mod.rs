@@ -16,8 +16,9 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::time::Duration;
 
-use pipeline::metrics::{Histogram, sessions};
+use pipeline::metrics::sessions;
 use pipeline::{AudioFrame, AudioLength, Processor};
 
 pub use config::{VadConfig, VadError, VadSettings};
@@ -32,7 +33,6 @@ pub struct Vad {
     hangover_left: u64,
     held: VecDeque<AudioFrame>,
     held_samples: u64,
-    gated: Histogram,
 }
 
 /// earshot, what it has not seen since it last ran, and when it needs to run.
@@ -111,7 +111,6 @@ impl Vad {
             hangover_left: 0,
             held: VecDeque::new(),
             held_samples: 0,
-            gated: sessions::vad_gated(),
         }
     }
 
@@ -148,7 +147,7 @@ impl Vad {
 
     fn discard_held(&mut self) {
         for frame in self.held.drain(..) {
-            self.gated.record(frame.audio_us() as f64 / 1e6);
+            sessions::vad_gated(Duration::from_micros(frame.audio_us()));
         }
         self.held_samples = 0;
     }
@@ -182,7 +181,7 @@ impl Processor for Vad {
                 break;
             };
             self.held_samples -= old.samples.len() as u64;
-            self.gated.record(old.audio_us() as f64 / 1e6);
+            sessions::vad_gated(Duration::from_micros(old.audio_us()));
         }
         Ok(())
     }

@@ -6,10 +6,15 @@
 
 #![allow(clippy::disallowed_macros)]
 
+mod sharded;
+
+use std::time::Duration;
+
 pub use metrics::{Counter, Gauge, Histogram};
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
+pub use sharded::render as render_sharded;
 
 /// Prometheus metric type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +179,10 @@ impl ErrorKind {
 
 /// Register help texts and units with the installed recorder.
 pub fn describe() {
-    for def in CATALOG {
+    for def in CATALOG
+        .iter()
+        .filter(|def| !sharded::NAMES.contains(&def.name))
+    {
         match def.kind {
             Kind::Counter => describe_counter!(def.name, def.help),
             Kind::Gauge => describe_gauge!(def.name, def.help),
@@ -207,17 +215,19 @@ pub fn zero_fault_counters() {
 }
 
 /// Histogram bucket bounds per metric name suffix, for the Prometheus exporter.
+///
+/// The per-item families (stage counters, processing time, audio per frame) are not here: they
+/// are kept per thread and rendered by [`render_sharded`].
 pub fn buckets() -> Vec<(&'static str, Vec<f64>)> {
-    let fast = vec![
-        1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1,
-    ];
     let slow = vec![
         1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
-    let audio = vec![0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0];
+    let audio: Vec<f64> = sharded::AUDIO_BOUNDS_NS
+        .iter()
+        .map(|&ns| ns as f64 / 1e9)
+        .collect();
     let replay = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     vec![
-        (STAGE_PROCESSING, fast),
         (STAGE_SEND_BLOCKED, slow.clone()),
         (STT_FIRST_RESULT, slow.clone()),
         (STT_FINAL_LATENCY, slow.clone()),
@@ -229,35 +239,52 @@ pub fn buckets() -> Vec<(&'static str, Vec<f64>)> {
         ),
         (STT_UPSTREAM_OPEN, slow),
         (STT_REPLAYED, replay),
-        (STAGE_DROPPED_AUDIO, audio.clone()),
-        (AUDIO_FRAME, audio.clone()),
-        (VAD_GATED, audio),
+        (STAGE_DROPPED_AUDIO, audio),
     ]
 }
 
 /// The handles one stage of one session uses. Created once, used per item.
+///
+/// Received, sent, queue depth and processing time move with every item: they go to this
+/// thread's shard (see `sharded`), not through the `metrics` crate.
 #[derive(Clone)]
 pub struct StageMetrics {
     pub stage: &'static str,
-    pub received: Counter,
-    pub sent: Counter,
-    pub processing: Histogram,
+    index: usize,
     pub send_blocked: Histogram,
-    pub queue_depth: Gauge,
     pub queue_capacity: Gauge,
 }
 
 impl StageMetrics {
+    /// # Panics
+    /// When `stage` is not one of [`crate::stage::ALL`].
     pub fn new(stage: &'static str) -> StageMetrics {
         StageMetrics {
             stage,
-            received: counter!(STAGE_RECEIVED, "stage" => stage),
-            sent: counter!(STAGE_SENT, "stage" => stage),
-            processing: histogram!(STAGE_PROCESSING, "stage" => stage),
+            index: sharded::stage_index(stage),
             send_blocked: histogram!(STAGE_SEND_BLOCKED, "stage" => stage),
-            queue_depth: gauge!(STAGE_QUEUE_DEPTH, "stage" => stage),
             queue_capacity: gauge!(STAGE_QUEUE_CAPACITY, "stage" => stage),
         }
+    }
+
+    /// Items taken from the input (`voxflow_stage_items_received_total`).
+    pub fn received(&self, n: u64) {
+        sharded::received(self.index, n);
+    }
+
+    /// Items handed on (`voxflow_stage_items_sent_total`).
+    pub fn sent(&self, n: u64) {
+        sharded::sent(self.index, n);
+    }
+
+    /// Items entering (positive) or leaving (negative) the stage's input queue.
+    pub fn queue_depth(&self, delta: i64) {
+        sharded::queue_depth(self.index, delta);
+    }
+
+    /// Time spent on one item (`voxflow_stage_processing_seconds`).
+    pub fn processing(&self, elapsed: Duration) {
+        sharded::processing(self.index, elapsed);
     }
 
     /// Count a dropped item carrying `audio_us` of audio. Drops are rare: no cached handle.
@@ -334,12 +361,14 @@ pub mod sessions {
         counter!(TRANSCRIPTS, "kind" => if is_final { "final" } else { "interim" })
     }
 
-    pub fn audio_frame() -> Histogram {
-        histogram!(AUDIO_FRAME)
+    /// A decoded frame of `duration` (`voxflow_audio_frame_duration_seconds`).
+    pub fn audio_frame(duration: Duration) {
+        sharded::audio_frame(duration);
     }
 
-    pub fn vad_gated() -> Histogram {
-        histogram!(VAD_GATED)
+    /// A frame of `duration` the VAD gate kept from the engine (`voxflow_vad_gated_audio_seconds`).
+    pub fn vad_gated(duration: Duration) {
+        sharded::vad_gated(duration);
     }
 }
 
