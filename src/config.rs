@@ -4,7 +4,6 @@
 //! without I/O, naming the bad key when it refuses.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
@@ -319,30 +318,36 @@ impl EdgeConfig {
         }
     }
 
-    /// An edge between two synchronous stages: capacity 0 runs them in one task (no queue).
-    fn validate_fusable(&self, name: &str) -> Result<Option<EdgeSettings>, ConfigError> {
-        if self.capacity == 0 {
-            return Ok(None);
+    /// An edge whose stage may run in its feeder's task: capacity 0 (no queue) allowed.
+    fn validate_fusable(&self, name: &str) -> Result<EdgeSettings, ConfigError> {
+        if self.capacity > 4_096 {
+            return Err(ConfigError::Invalid(format!(
+                "edges.{name}.capacity must be 0..=4096, got {}",
+                self.capacity
+            )));
         }
-        self.validate(name).map(Some)
+        self.settings(name)
     }
 
+    /// An edge that needs a queue (egress writes to the socket in a task of its own).
     fn validate(&self, name: &str) -> Result<EdgeSettings, ConfigError> {
-        let capacity = NonZeroUsize::new(self.capacity)
-            .filter(|c| c.get() <= 4_096)
-            .ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "edges.{name}.capacity must be 1..=4096 (0 only for decode, resample and vad), got {}",
-                    self.capacity
-                ))
-            })?;
+        if !(1..=4_096).contains(&self.capacity) {
+            return Err(ConfigError::Invalid(format!(
+                "edges.{name}.capacity must be 1..=4096 (0 is for every other edge), got {}",
+                self.capacity
+            )));
+        }
+        self.settings(name)
+    }
+
+    fn settings(&self, name: &str) -> Result<EdgeSettings, ConfigError> {
         if self.send_timeout_ms > 60_000 {
             return Err(ConfigError::Invalid(format!(
                 "edges.{name}.send_timeout_ms must be at most 60000"
             )));
         }
         Ok(EdgeSettings {
-            capacity,
+            capacity: self.capacity,
             send_timeout: Duration::from_millis(self.send_timeout_ms),
             overflow: self.overflow,
         })
@@ -364,14 +369,13 @@ pub struct EdgesConfig {
 impl Default for EdgesConfig {
     fn default() -> Self {
         EdgesConfig {
-            // 0: ingress runs decode (and resample and the VAD) itself; see `Edges`.
+            // 0: ingress runs decode (and every stage up to the engine) itself; see `Edges`.
             decode: EdgeConfig::new(0),
-            // 0: decode, resample and VAD run in one task (see `Edges::resample`).
             resample: EdgeConfig::new(0),
             vad: EdgeConfig::new(0),
-            batch: EdgeConfig::new(4),
-            // Small on purpose: a full STT queue is the "engine busy" signal batching waits on.
-            stt: EdgeConfig::new(2),
+            // 0: the VAD's task batches, and hands batches to the engine itself.
+            batch: EdgeConfig::new(0),
+            stt: EdgeConfig::new(0),
             egress: EdgeConfig::new(16),
         }
     }
@@ -385,19 +389,19 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Validated edge settings.
+/// Validated edge settings. An edge of capacity 0 has no queue: its stage runs in the task
+/// that feeds it, and the send timeout and policy apply to waiting for the stage after it. A
+/// queue is worth having in front of a synchronous stage only to watch that stage on its own:
+/// otherwise it adds a task wake-up per frame and buys nothing (neither side waits on I/O).
+/// In front of batch and stt, a queue lets bursts wait there rather than in the socket.
 #[derive(Debug, Clone, Copy)]
 pub struct Edges {
-    /// `None` (capacity 0): ingress runs decode itself, in the socket's task.
-    pub decode: Option<EdgeSettings>,
-    /// `None` (capacity 0): resample runs in decode's task, fed directly. Between synchronous
-    /// stages a queue only adds a task wake-up per frame; it is worth having only to watch
-    /// that stage's queue on its own.
-    pub resample: Option<EdgeSettings>,
-    /// `None` (capacity 0): the VAD runs in resample's task.
-    pub vad: Option<EdgeSettings>,
+    pub decode: EdgeSettings,
+    pub resample: EdgeSettings,
+    pub vad: EdgeSettings,
     pub batch: EdgeSettings,
     pub stt: EdgeSettings,
+    /// Always a queue: egress writes to the socket.
     pub egress: EdgeSettings,
 }
 
@@ -567,8 +571,8 @@ impl Config {
                 decode: self.edges.decode.validate_fusable("decode")?,
                 resample: self.edges.resample.validate_fusable("resample")?,
                 vad: self.edges.vad.validate_fusable("vad")?,
-                batch: self.edges.batch.validate("batch")?,
-                stt: self.edges.stt.validate("stt")?,
+                batch: self.edges.batch.validate_fusable("batch")?,
+                stt: self.edges.stt.validate_fusable("stt")?,
                 egress: self.edges.egress.validate("egress")?,
             },
             vad: self
@@ -681,13 +685,13 @@ mod tests {
             .to_string();
         assert!(error.contains("max_duration"), "{error}");
         let error = Config::from_toml(
-            "[edges.batch]\ncapacity = 0\nsend_timeout_ms = 1\noverflow = \"block\"\n",
+            "[edges.egress]\ncapacity = 0\nsend_timeout_ms = 1\noverflow = \"block\"\n",
         )
         .unwrap()
         .validate()
         .unwrap_err()
         .to_string();
-        assert!(error.contains("edges.batch.capacity"), "{error}");
+        assert!(error.contains("edges.egress.capacity"), "{error}");
     }
 
     #[test]

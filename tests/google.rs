@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use emulator::tones::{self, Event, Recognizer};
 use emulator::{Emulator, EmulatorConfig, EmulatorStats};
-use pipeline::{AudioBatch, EngineInput, EngineResult, StreamConfig, SttEngine, SttError};
+use pipeline::{
+    AudioBatch, EngineAudio, EngineInput, EngineResult, StreamConfig, SttEngine, SttError,
+};
 use stages::stt::google::{CustomServiceAccount, GoogleAuth, GoogleConfig, GoogleEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -139,7 +141,7 @@ impl Script {
 /// Send a run as 20 ms batches, one per `every` (None: as fast as the engine takes them).
 /// A batch is speech when it holds any tone. Returns false when the engine stopped listening.
 async fn feed_run(
-    audio: &mpsc::Sender<EngineInput>,
+    audio: &mut EngineAudio,
     start: u64,
     samples: &[i16],
     every: Option<Duration>,
@@ -226,13 +228,13 @@ async fn run_session(
     every: Option<Duration>,
     pauses: &[(usize, Duration)],
 ) -> Vec<Result<EngineResult, SttError>> {
-    let stream = engine.open(stream_config(RATE)).expect("open");
+    let mut stream = engine.open(stream_config(RATE)).expect("open");
     let collector = tokio::spawn(collect(stream.results));
     for (i, (start, samples)) in script.runs.iter().enumerate() {
         if let Some((_, pause)) = pauses.iter().find(|(at, _)| *at == i) {
             tokio::time::sleep(*pause).await;
         }
-        if !feed_run(&stream.audio, *start, samples, every).await {
+        if !feed_run(&mut stream.audio, *start, samples, every).await {
             break;
         }
     }
@@ -459,10 +461,11 @@ async fn unavailable_mid_utterance() {
     );
 }
 
-/// Coalescing forced on (as on a busy connection) with faults and rotations: audio held back to
-/// leave in larger requests is neither lost nor duplicated, and finals keep their positions.
+/// Audio fed at four times real time, with faults and rotations: what backs up behind a full
+/// request stream (while a stream opens, or after a fault) leaves in larger requests, neither
+/// lost nor duplicated, and finals keep their positions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coalesced_requests_lose_nothing_across_faults_and_rotations() {
+async fn fast_audio_loses_nothing_across_faults_and_rotations() {
     let emulator = start_emulator(EmulatorConfig {
         fail_every: 3,
         fail_after_ms: 1_500,
@@ -471,8 +474,6 @@ async fn coalesced_requests_lose_nothing_across_faults_and_rotations() {
     .await;
     let engine = GoogleEngine::new(&GoogleConfig {
         rotate_after_secs: 2,
-        coalesce_ms: 20,
-        coalesce_above_streams: 0,
         ..engine_config(emulator.addr)
     })
     .unwrap();
@@ -573,7 +574,7 @@ async fn permanent_error_is_reported_once() {
         },
     ] {
         let rate = config.sample_rate_hz;
-        let stream = engine.open(config).expect("open");
+        let mut stream = engine.open(config).expect("open");
         let collector = tokio::spawn(collect(stream.results));
         let audio = tones::tone_words(&[1, 2, 3], rate);
         for (i, chunk) in audio.chunks(BATCH).enumerate() {
@@ -783,7 +784,7 @@ async fn finalize_forces_a_final_and_continues() {
     let engine = GoogleEngine::new(&engine_config(emulator.addr)).unwrap();
     let mut stream = engine.open(stream_config(RATE)).expect("open");
     let first = tones::tone_words(&[1, 2, 3], RATE);
-    assert!(feed_run(&stream.audio, 0, &first, None).await);
+    assert!(feed_run(&mut stream.audio, 0, &first, None).await);
     stream.audio.send(EngineInput::Finalize).await.unwrap();
     let final_ = timeout(Duration::from_secs(5), async {
         loop {
@@ -799,7 +800,7 @@ async fn finalize_forces_a_final_and_continues() {
     assert_eq!(final_.transcript, "w1 w2 w3");
     let mut second = tones::tone_words(&[4, 5], RATE);
     second.extend(tones::silence(400, RATE));
-    assert!(feed_run(&stream.audio, first.len() as u64, &second, None).await);
+    assert!(feed_run(&mut stream.audio, first.len() as u64, &second, None).await);
     drop(stream.audio);
     let rest = timeout(Duration::from_secs(5), collect(stream.results))
         .await
@@ -848,7 +849,7 @@ async fn markers_are_final_at_once_on_the_session_clock() {
         end_sample: marker_end - 192,
     });
     for (start, samples) in &script.runs {
-        assert!(feed_run(&stream.audio, *start, samples, None).await);
+        assert!(feed_run(&mut stream.audio, *start, samples, None).await);
     }
     // The stream stays open: no silence, no half-close is needed for the marker's final.
     let mut results = Vec::new();

@@ -28,7 +28,10 @@ pub mod testing;
 
 pub use audio::{AudioBatch, AudioFormat, AudioFrame, Encoding, Payload};
 pub use edge::{EdgeError, EdgeRx, EdgeSettings, EdgeTx, OverflowPolicy, edge};
-pub use engine::{EngineInput, EngineResult, StreamConfig, SttEngine, SttError, SttStream};
+pub use engine::{
+    AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, LatencyClock, StreamConfig,
+    SttEngine, SttError, SttStream,
+};
 pub use processor::{Processor, run_processor};
 pub use session::{SessionError, SessionShared};
 

@@ -1,9 +1,13 @@
 //! Synchronous stages and the adapter that runs one as a task.
 //!
 //! Pure transforms (decode, resample, VAD) implement [`Processor`]: no timers, no I/O, easy to
-//! test synchronously and to benchmark. [`run_processor`] moves items between edges around it,
-//! records per-item processing time, forwards `Finalize` markers after flushing, and flushes at
-//! end of input before dropping its output so shutdown follows the graph.
+//! test synchronously and to benchmark. [`run_processor`] runs one as a task behind its input
+//! edge; [`Inline`] runs one in the task that feeds it. Either way per-item processing time is
+//! recorded, `Finalize` markers are forwarded after flushing, and at end of input the processor
+//! flushes before its output is dropped, so shutdown follows the graph.
+//!
+//! A stage's output is a [`Downstream`]: the next edge, or the next stage run inline, chosen per
+//! edge by configuration ([`Route`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,153 +49,27 @@ pub trait Processor: Send + 'static {
 
     /// Emit everything held back. Called at a `Finalize` marker and at end of input.
     fn flush(&mut self, out: &mut Vec<Self::Out>);
-
-    /// [`Processor::process`], recording its time as `metrics`' processing time. A [`Chain`]
-    /// records each of its stages under its own name instead.
-    ///
-    /// # Errors
-    /// As [`Processor::process`].
-    fn process_recorded(
-        &mut self,
-        item: Self::In,
-        out: &mut Vec<Self::Out>,
-        metrics: &StageMetrics,
-    ) -> Result<(), Self::Error> {
-        let started = Instant::now();
-        let result = self.process(item, out);
-        metrics.processing(started.elapsed());
-        result
-    }
 }
 
-/// Two processors in one task: `first`'s outputs go straight into `second`, with no queue
-/// between them (an edge configured with capacity 0).
-///
-/// A queue between two synchronous stages buys nothing but a task wake-up per item: neither
-/// side waits on I/O, so the queue never absorbs a burst the upstream queue could not. Fusing
-/// them keeps each stage's metrics (received, sent, processing time under its own `stage`
-/// label) and its format checks; only the queue-depth and send-blocked series of the fused
-/// edge stay at zero.
-///
-/// Nest to the right for longer chains, `Chain(decode, Chain(resample, vad))`, so that every
-/// hand-over is counted under the stages on either side of it.
-pub struct Chain<A: Processor, B> {
-    first: A,
-    first_metrics: StageMetrics,
-    second: B,
-    second_metrics: StageMetrics,
-    between: Vec<A::Out>,
+/// [`Processor::process`], its time recorded as `metrics`' processing time.
+fn process_timed<P: Processor>(
+    processor: &mut P,
+    item: P::In,
+    out: &mut Vec<P::Out>,
+    metrics: &StageMetrics,
+) -> Result<(), P::Error> {
+    let started = Instant::now();
+    let result = processor.process(item, out);
+    metrics.processing(started.elapsed());
+    result
 }
 
-impl<A, B> Chain<A, B>
-where
-    A: Processor,
-    B: Processor<In = A::Out>,
-{
-    pub fn new(
-        first: A,
-        first_metrics: StageMetrics,
-        second: B,
-        second_metrics: StageMetrics,
-    ) -> Chain<A, B> {
-        Chain {
-            first,
-            first_metrics,
-            second,
-            second_metrics,
-            between: Vec::with_capacity(4),
-        }
-    }
-
-    /// Hand what the first stage produced to the second, counted on both sides.
-    fn pass_on(&mut self, out: &mut Vec<B::Out>) -> Result<(), ChainError<A::Error, B::Error>> {
-        let n = self.between.len() as u64;
-        self.first_metrics.sent(n);
-        self.second_metrics.received(n);
-        for item in self.between.drain(..) {
-            self.second
-                .process_recorded(item, out, &self.second_metrics)
-                .map_err(ChainError::Second)?;
-        }
-        Ok(())
-    }
-}
-
-/// The error of whichever stage of a [`Chain`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ChainError<A, B> {
-    #[error(transparent)]
-    First(A),
-    #[error(transparent)]
-    Second(B),
-}
-
-impl<A: StageError, B: StageError> StageError for ChainError<A, B> {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            ChainError::First(e) => e.kind(),
-            ChainError::Second(e) => e.kind(),
-        }
-    }
-
-    fn to_session_error(&self) -> SessionError {
-        match self {
-            ChainError::First(e) => e.to_session_error(),
-            ChainError::Second(e) => e.to_session_error(),
-        }
-    }
-}
-
-impl<A, B> Processor for Chain<A, B>
-where
-    A: Processor,
-    B: Processor<In = A::Out>,
-    A::Error: 'static,
-    B::Error: 'static,
-{
-    type In = A::In;
-    type Out = B::Out;
-    type Error = ChainError<A::Error, B::Error>;
-
-    fn process(&mut self, item: A::In, out: &mut Vec<B::Out>) -> Result<(), Self::Error> {
-        // Without the task's metrics (benches, tests): time nothing, count nothing.
-        self.first
-            .process(item, &mut self.between)
-            .map_err(ChainError::First)?;
-        for item in self.between.drain(..) {
-            self.second.process(item, out).map_err(ChainError::Second)?;
-        }
-        Ok(())
-    }
-
-    fn process_recorded(
-        &mut self,
-        item: A::In,
-        out: &mut Vec<B::Out>,
-        _metrics: &StageMetrics,
-    ) -> Result<(), Self::Error> {
-        self.first
-            .process_recorded(item, &mut self.between, &self.first_metrics)
-            .map_err(ChainError::First)?;
-        self.pass_on(out)
-    }
-
-    fn flush(&mut self, out: &mut Vec<B::Out>) {
-        self.first.flush(&mut self.between);
-        // Flushing happens at a marker or at the end; a failure here has nowhere to go but the
-        // log (the session is ending or the item was the last).
-        if let Err(error) = self.pass_on(out) {
-            tracing::warn!(stage = self.second_metrics.stage, %error, "Stage failed while flushing.");
-        }
-        self.second.flush(out);
-    }
-}
-
-/// Run `processor` between two edges until its input ends or the session fails.
-pub async fn run_processor<P: Processor>(
+/// Run `processor` between its input edge and `output` until its input ends or the session
+/// fails.
+pub async fn run_processor<P: Processor, D: Downstream<P::Out>>(
     mut processor: P,
     mut input: EdgeRx<Flow<P::In>>,
-    output: EdgeTx<Flow<P::Out>>,
+    mut output: D,
     session: Arc<SessionShared>,
 ) {
     let metrics = input.metrics().clone();
@@ -199,7 +77,7 @@ pub async fn run_processor<P: Processor>(
     while let Some(flow) = input.recv().await {
         let finalize = match flow {
             Flow::Data(item) => {
-                if let Err(error) = processor.process_recorded(item, &mut out, &metrics) {
+                if let Err(error) = process_timed(&mut processor, item, &mut out, &metrics) {
                     stage_failed(&error, &metrics, &session);
                     input.close();
                     return;
@@ -211,7 +89,7 @@ pub async fn run_processor<P: Processor>(
                 true
             }
         };
-        if forward(&mut out, &output, &metrics, &session, finalize)
+        if forward(&mut out, &mut output, &metrics, &session, finalize)
             .await
             .is_err()
         {
@@ -221,11 +99,16 @@ pub async fn run_processor<P: Processor>(
     }
     processor.flush(&mut out);
     // End of input: a failure here only means downstream already ended; nothing more to do.
-    let _ = forward(&mut out, &output, &metrics, &session, false).await;
+    if forward(&mut out, &mut output, &metrics, &session, false)
+        .await
+        .is_ok()
+    {
+        output.finish().await;
+    }
 }
 
-/// Where an async stage sends its output: the next edge, or processors run inline in the
-/// sending task before the next edge ([`Inline`]; an edge configured with capacity 0).
+/// Where a stage sends its output: the next stage's input edge, or the next stage itself, run
+/// in the sending task (an edge configured with capacity 0: no queue, no task wake-up per item).
 pub trait Downstream<T>: Send {
     /// Send one item (the edge's policy applies).
     fn send_data(&mut self, item: T) -> impl Future<Output = Result<(), EdgeError>> + Send;
@@ -233,6 +116,27 @@ pub trait Downstream<T>: Send {
     fn send_finalize(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send;
     /// End of input: emit whatever inline stages hold. The caller then drops `self`.
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Whether an item sent now would go through without waiting.
+    fn has_room(&mut self) -> bool {
+        true
+    }
+
+    /// Resolves once an item sent now would go through without waiting. Cancel-safe.
+    fn ready(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    /// Whether an inline stage holds items until the stage after it has room (batch does).
+    fn has_pending(&self) -> bool {
+        false
+    }
+
+    /// Wait for that room, then send what is held. Cancel-safe: the caller polls it beside its
+    /// own input while [`Downstream::has_pending`] says so.
+    fn send_pending(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 impl<T: AudioLength + Send + 'static> Downstream<T> for EdgeTx<Flow<T>> {
@@ -245,6 +149,15 @@ impl<T: AudioLength + Send + 'static> Downstream<T> for EdgeTx<Flow<T>> {
     }
 
     async fn finish(&mut self) {}
+
+    fn has_room(&mut self) -> bool {
+        EdgeTx::has_room(self)
+    }
+
+    async fn ready(&mut self) -> Result<(), EdgeError> {
+        // Only this stage sends on the edge: room seen now is room at the next send.
+        self.reserve().await.map(drop)
+    }
 }
 
 /// A boxed downstream: what a chain of inline stages is passed down as, so the nested futures
@@ -261,30 +174,113 @@ impl<T: Send, D: Downstream<T>> Downstream<T> for Box<D> {
     fn finish(&mut self) -> impl Future<Output = ()> + Send {
         (**self).finish()
     }
+
+    fn has_room(&mut self) -> bool {
+        (**self).has_room()
+    }
+
+    fn ready(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        (**self).ready()
+    }
+
+    fn has_pending(&self) -> bool {
+        (**self).has_pending()
+    }
+
+    fn send_pending(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        (**self).send_pending()
+    }
 }
 
-/// A processor run inside the task that feeds it, in front of its output edge: what
+/// The next stage as configured: run in the sender's task, or behind a queue in its own.
+pub enum Route<I, Q> {
+    Inline(I),
+    Queued(Q),
+}
+
+impl<T, I, Q> Downstream<T> for Route<I, Q>
+where
+    T: Send,
+    I: Downstream<T>,
+    Q: Downstream<T>,
+{
+    async fn send_data(&mut self, item: T) -> Result<(), EdgeError> {
+        match self {
+            Route::Inline(next) => next.send_data(item).await,
+            Route::Queued(next) => next.send_data(item).await,
+        }
+    }
+
+    async fn send_finalize(&mut self) -> Result<(), EdgeError> {
+        match self {
+            Route::Inline(next) => next.send_finalize().await,
+            Route::Queued(next) => next.send_finalize().await,
+        }
+    }
+
+    async fn finish(&mut self) {
+        match self {
+            Route::Inline(next) => next.finish().await,
+            Route::Queued(next) => next.finish().await,
+        }
+    }
+
+    fn has_room(&mut self) -> bool {
+        match self {
+            Route::Inline(next) => next.has_room(),
+            Route::Queued(next) => next.has_room(),
+        }
+    }
+
+    async fn ready(&mut self) -> Result<(), EdgeError> {
+        match self {
+            Route::Inline(next) => next.ready().await,
+            Route::Queued(next) => next.ready().await,
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        match self {
+            Route::Inline(next) => next.has_pending(),
+            Route::Queued(next) => next.has_pending(),
+        }
+    }
+
+    async fn send_pending(&mut self) -> Result<(), EdgeError> {
+        match self {
+            Route::Inline(next) => next.send_pending().await,
+            Route::Queued(next) => next.send_pending().await,
+        }
+    }
+}
+
+/// A processor run inside the task that feeds it, in front of its own downstream: what
 /// [`run_processor`] does, without a queue and a task wake-up per item.
-pub struct Inline<P: Processor> {
+///
+/// A queue between two synchronous stages buys nothing but a task wake-up per item: neither
+/// side waits on I/O, so the queue never absorbs a burst the upstream queue could not. Run
+/// inline, each stage keeps its own metrics (received, sent, processing time under its own
+/// `stage` label) and its format checks; only the queue-depth and send-blocked series of the
+/// fused edge stay at zero.
+pub struct Inline<P: Processor, D> {
     processor: P,
     /// The feeding stage's, for its `sent` count (an edge would count it).
     from: StageMetrics,
     metrics: StageMetrics,
-    output: EdgeTx<Flow<P::Out>>,
+    output: D,
     session: Arc<SessionShared>,
     out: Vec<P::Out>,
 }
 
-impl<P: Processor> Inline<P> {
-    /// `from` are the feeding stage's metrics, `metrics` the processor's (the first stage's,
-    /// for a [`Chain`]).
+impl<P: Processor, D: Downstream<P::Out>> Inline<P, D> {
+    /// `from` are the feeding stage's metrics, `metrics` the processor's.
     pub fn new(
         processor: P,
         from: StageMetrics,
         metrics: StageMetrics,
-        output: EdgeTx<Flow<P::Out>>,
+        output: D,
         session: Arc<SessionShared>,
-    ) -> Inline<P> {
+    ) -> Inline<P, D> {
         Inline {
             processor,
             from,
@@ -296,14 +292,11 @@ impl<P: Processor> Inline<P> {
     }
 }
 
-impl<P: Processor> Downstream<P::In> for Inline<P> {
+impl<P: Processor, D: Downstream<P::Out>> Downstream<P::In> for Inline<P, D> {
     async fn send_data(&mut self, item: P::In) -> Result<(), EdgeError> {
         self.from.sent(1);
         self.metrics.received(1);
-        if let Err(error) = self
-            .processor
-            .process_recorded(item, &mut self.out, &self.metrics)
-        {
+        if let Err(error) = process_timed(&mut self.processor, item, &mut self.out, &self.metrics) {
             stage_failed(&error, &self.metrics, &self.session);
             self.out.clear();
             // The session has failed and says why; the caller only needs to stop.
@@ -311,7 +304,7 @@ impl<P: Processor> Downstream<P::In> for Inline<P> {
         }
         forward(
             &mut self.out,
-            &self.output,
+            &mut self.output,
             &self.metrics,
             &self.session,
             false,
@@ -323,7 +316,7 @@ impl<P: Processor> Downstream<P::In> for Inline<P> {
         self.processor.flush(&mut self.out);
         forward(
             &mut self.out,
-            &self.output,
+            &mut self.output,
             &self.metrics,
             &self.session,
             true,
@@ -334,21 +327,41 @@ impl<P: Processor> Downstream<P::In> for Inline<P> {
     async fn finish(&mut self) {
         self.processor.flush(&mut self.out);
         // A failure only means downstream already ended; nothing more to do.
-        let _ = forward(
+        if forward(
             &mut self.out,
-            &self.output,
+            &mut self.output,
             &self.metrics,
             &self.session,
             false,
         )
-        .await;
+        .await
+        .is_ok()
+        {
+            self.output.finish().await;
+        }
+    }
+
+    fn has_room(&mut self) -> bool {
+        self.output.has_room()
+    }
+
+    fn ready(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        self.output.ready()
+    }
+
+    fn has_pending(&self) -> bool {
+        self.output.has_pending()
+    }
+
+    fn send_pending(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        self.output.send_pending()
     }
 }
 
 /// Send everything in `out` (and a marker if asked) downstream.
-async fn forward<T: AudioLength>(
+async fn forward<T, D: Downstream<T>>(
     out: &mut Vec<T>,
-    output: &EdgeTx<Flow<T>>,
+    output: &mut D,
     metrics: &StageMetrics,
     session: &SessionShared,
     finalize: bool,
@@ -454,35 +467,59 @@ mod tests {
         }
     }
 
-    fn positions(frames: &[AudioFrame]) -> Vec<u64> {
-        frames.iter().map(|f| f.start_sample).collect()
+    /// The end of the line: what reached it, in order (`None` for a marker).
+    #[derive(Default)]
+    struct Collect(Vec<Option<u64>>);
+    impl Downstream<AudioFrame> for Collect {
+        async fn send_data(&mut self, item: AudioFrame) -> Result<(), EdgeError> {
+            self.0.push(Some(item.start_sample));
+            Ok(())
+        }
+        async fn send_finalize(&mut self) -> Result<(), EdgeError> {
+            self.0.push(None);
+            Ok(())
+        }
+        async fn finish(&mut self) {}
     }
 
-    #[test]
-    fn a_chain_is_its_stages_in_sequence_with_flush_passing_through() {
+    #[tokio::test]
+    async fn inline_stages_run_in_sequence_with_flush_passing_through() {
         let metrics = |stage| StageMetrics::new(stage);
-        let mut chain = Chain::new(
+        let session = Arc::new(SessionShared::new());
+        let s = || Arc::clone(&session);
+        let last = Inline::new(
             Pairs::default(),
-            metrics("decode"),
-            Chain::new(Twice, metrics("resample"), Pairs::default(), metrics("vad")),
             metrics("resample"),
+            metrics("vad"),
+            Collect::default(),
+            s(),
         );
-        let mut out = Vec::new();
-        chain
-            .process_recorded(frame(1), &mut out, &metrics("decode"))
-            .unwrap();
-        assert!(out.is_empty(), "the first stage holds frame 1");
-        chain
-            .process_recorded(frame(2), &mut out, &metrics("decode"))
-            .unwrap();
+        let middle = Inline::new(Twice, metrics("decode"), metrics("resample"), last, s());
+        let mut first = Inline::new(
+            Pairs::default(),
+            metrics("ingress"),
+            metrics("decode"),
+            middle,
+            s(),
+        );
+        first.send_data(frame(1)).await.unwrap();
+        assert!(
+            first.output.output.output.0.is_empty(),
+            "the first stage holds frame 1"
+        );
+        first.send_data(frame(2)).await.unwrap();
         // 1 and 2 released, doubled to 1 1 2 2, paired by the last stage.
-        assert_eq!(positions(&out), [1, 1, 2, 2]);
-        out.clear();
-        chain.process(frame(3), &mut out).unwrap();
-        assert!(out.is_empty());
-        // Flush: the first stage's held frame goes through the rest before they flush, so the
-        // last stage's held copy comes out too.
-        chain.flush(&mut out);
-        assert_eq!(positions(&out), [3, 3]);
+        assert_eq!(
+            first.output.output.output.0,
+            [Some(1), Some(1), Some(2), Some(2)]
+        );
+        first.send_data(frame(3)).await.unwrap();
+        // A marker: each stage flushes before passing it on, so the held frame comes out
+        // (doubled, and the last stage's held copy too) ahead of it.
+        first.send_finalize().await.unwrap();
+        assert_eq!(first.output.output.output.0[4..], [Some(3), Some(3), None]);
+        first.send_data(frame(4)).await.unwrap();
+        first.finish().await;
+        assert_eq!(first.output.output.output.0[7..], [Some(4), Some(4)]);
     }
 }

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::engine::{EngineInput, EngineResult, StreamConfig, SttEngine, SttError, SttStream};
+use crate::engine::{
+    EngineAudio, EngineInput, EngineResult, LatencyClock, StreamConfig, SttEngine, SttError,
+    SttStream,
+};
 
 #[derive(Clone)]
 pub struct CountingEngine {
@@ -74,11 +77,11 @@ impl SttEngine for CountingEngine {
     }
 
     fn open(&self, config: StreamConfig) -> Result<SttStream, SttError> {
-        let (audio_tx, audio_rx) = mpsc::channel(1);
+        let (audio, audio_rx) = EngineAudio::channel(1);
         let (results_tx, results_rx) = mpsc::channel(4);
         tokio::spawn(run(self.clone(), config, audio_rx, results_tx));
         Ok(SttStream {
-            audio: audio_tx,
+            audio,
             results: results_rx,
         })
     }
@@ -93,6 +96,7 @@ async fn run(
     let mut stalled = engine.stalled.clone();
     let (mut count, mut sum, mut start, mut end) = (0u64, 0u64, None::<u64>, 0u64);
     let mut since_interim = 0u64;
+    let mut clock = LatencyClock::new("counting");
     loop {
         if stalled.wait_for(|s| !*s).await.is_err() {
             // The handle is gone: never stalled again.
@@ -102,6 +106,7 @@ async fn run(
         };
         match input {
             EngineInput::Audio(batch) => {
+                clock.handed_over(&batch);
                 let n = engine.batches.fetch_add(1, Ordering::Relaxed) + 1;
                 if engine.fail_after_batches.is_some_and(|limit| n > limit) {
                     let _ = results
@@ -128,13 +133,14 @@ async fn run(
                         start_sample: start.unwrap_or(0),
                         end_sample: end,
                     };
+                    clock.received(&interim);
                     if results.send(Ok(interim)).await.is_err() {
                         return;
                     }
                 }
             }
             EngineInput::Finalize => {
-                if emit_final(&results, &mut count, &mut sum, &mut start, end)
+                if emit_final(&results, &mut clock, &mut count, &mut sum, &mut start, end)
                     .await
                     .is_err()
                 {
@@ -144,11 +150,12 @@ async fn run(
             }
         }
     }
-    let _ = emit_final(&results, &mut count, &mut sum, &mut start, end).await;
+    let _ = emit_final(&results, &mut clock, &mut count, &mut sum, &mut start, end).await;
 }
 
 async fn emit_final(
     results: &mpsc::Sender<Result<EngineResult, SttError>>,
+    clock: &mut LatencyClock,
     count: &mut u64,
     sum: &mut u64,
     start: &mut Option<u64>,
@@ -167,5 +174,6 @@ async fn emit_final(
     };
     *count = 0;
     *sum = 0;
+    clock.received(&result);
     results.send(Ok(result)).await.map_err(|_| ())
 }

@@ -7,27 +7,29 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::{SinkExt, Stream, StreamExt};
+use futures::{SinkExt, StreamExt};
 use pipeline::edge::edge;
 use pipeline::metrics::{StageMetrics, sessions};
-use pipeline::processor::{Chain, Downstream, Inline, Processor, StageError, run_processor};
+use pipeline::processor::{Downstream, Inline, Processor, Route, StageError, run_processor};
 use pipeline::protocol::{
     self, ClientMessage, EffectiveConfig, ProtocolError, ServerMessage, StartFields,
 };
 use pipeline::session::close_code;
 use pipeline::{
-    AudioFormat, EdgeSettings, EdgeTx, Flow, Payload, SessionError, SessionShared, StreamConfig,
+    AudioFormat, EdgeSettings, EdgeTx, Flow, SessionError, SessionShared, StreamConfig, SttStream,
     stage,
 };
+use stages::batch::Batch;
 use stages::decode::Decode;
 use stages::egress::{Egress, Outcome};
 use stages::ingress::{Ingress, IngressEnd};
 use stages::resample::Resample;
+use stages::stt::Stt;
 use stages::vad::Vad;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
 use super::Shared;
@@ -165,7 +167,10 @@ where
         }
     };
 
-    // Build the graph: ingress → decode → resample → vad → batch → stt → egress.
+    // Build the graph: ingress → decode → resample → vad → batch → stt → egress, from the end.
+    // Each edge with a capacity is a queue in front of a task of its own; an edge of capacity 0
+    // runs its stage in the task that feeds it (by default everything up to the engine runs in
+    // the socket's task: one task wake-up per frame on the way in, not one per stage).
     let session = Arc::new(SessionShared::new());
     let metrics = stage::ALL.map(StageMetrics::new);
     let [
@@ -178,24 +183,58 @@ where
         m_egress,
     ] = &metrics;
     let edges = &settings.edges;
-    let (to_batch, batch_in) = edge(edges.batch, m_vad, m_batch, &session);
-    let (to_stt, stt_in) = edge(edges.stt, m_batch, m_stt, &session);
-    let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
     let span = tracing::Span::current();
-    spawn_in(
-        &span,
-        stages::batch::run(settings.batch, batch_in, to_stt, Arc::clone(&session)),
-    );
-    spawn_in(
-        &span,
-        stages::stt::run(
-            stream,
-            shared.engine.name(),
-            stt_in,
-            to_egress,
+    let graph = Graph {
+        session: &session,
+        span: &span,
+    };
+
+    let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
+    let SttStream { audio, results } = stream;
+    graph.spawn(stages::stt::relay(
+        results,
+        to_egress,
+        m_stt.clone(),
+        Arc::clone(&session),
+    ));
+    let to_stt = match edges.stt.queue() {
+        None => Route::Inline(Stt::new(
+            audio,
+            m_batch.clone(),
+            m_stt.clone(),
+            edges.stt,
             Arc::clone(&session),
-        ),
-    );
+        )),
+        Some(_) => {
+            let (tx, rx) = edge(edges.stt, m_batch, m_stt, &session);
+            graph.spawn(stages::stt::run(audio, rx, Arc::clone(&session)));
+            Route::Queued(tx)
+        }
+    };
+    let to_batch = match edges.batch.queue() {
+        None => Route::Inline(Batch::new(
+            settings.batch,
+            to_stt,
+            m_vad.clone(),
+            m_batch.clone(),
+            Arc::clone(&session),
+        )),
+        Some(_) => {
+            let (tx, rx) = edge(edges.batch, m_vad, m_batch, &session);
+            graph.spawn(stages::batch::run(
+                settings.batch,
+                rx,
+                to_stt,
+                Arc::clone(&session),
+            ));
+            Route::Queued(tx)
+        }
+    };
+    let vad = Vad::new(settings.vad, shared.engine.vad_gate());
+    let to_vad = graph.stage(vad, edges.vad, m_resample, m_vad, to_batch);
+    let to_resample = graph.stage(resample, edges.resample, m_decode, m_resample, to_vad);
+    let to_decode = graph.stage(decode, edges.decode, m_ingress, m_decode, to_resample);
+
     let (sink, source) = socket.split();
     let egress = Egress::new(
         sink,
@@ -205,7 +244,7 @@ where
         Arc::clone(&session),
     )
     .with_retry_after(settings.limits.retry_after);
-    let egress = tokio::spawn(egress.run(egress_in).instrument(span.clone()));
+    let mut egress = tokio::spawn(egress.run(egress_in).instrument(span.clone()));
     let ingress = Ingress::new(
         plan.format,
         settings.idle_timeout,
@@ -221,150 +260,67 @@ where
             () = tokio::time::sleep(limit) => session.set_time_limit_reached(),
         }
     };
-    let tail = Tail {
-        ingress,
-        source,
-        replay,
-        egress,
-        stop,
-        session: &session,
+    // Boxed: the inline stages are kilobytes, and the futures that carry them nest.
+    let ended = tokio::select! {
+        end = ingress.run(source, replay, Box::new(to_decode), stop) => end,
+        outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), &session),
     };
-    let front = Front {
-        decode_edge: edges.decode,
-        ingress: m_ingress,
-        decode: m_decode,
-        session: &session,
-        span: &span,
-    };
-
-    // decode → resample → vad: a queue and a task only where an edge has a capacity; the
-    // rest run back to back (Chain), in ingress's own task when decode's edge is 0 too.
-    let vad = Vad::new(settings.vad, shared.engine.vad_gate());
-    match (edges.resample, edges.vad) {
-        (None, None) => {
-            let chain = Chain::new(
-                decode,
-                m_decode.clone(),
-                Chain::new(resample, m_resample.clone(), vad, m_vad.clone()),
-                m_resample.clone(),
-            );
-            front.run(chain, to_batch, tail).await
-        }
-        (None, Some(vad_edge)) => {
-            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
-            let chain = Chain::new(decode, m_decode.clone(), resample, m_resample.clone());
-            spawn_in(
-                &span,
-                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
-            );
-            front.run(chain, to_vad, tail).await
-        }
-        (Some(resample_edge), None) => {
-            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
-            let chain = Chain::new(resample, m_resample.clone(), vad, m_vad.clone());
-            spawn_in(
-                &span,
-                run_processor(chain, resample_in, to_batch, Arc::clone(&session)),
-            );
-            front.run(decode, to_resample, tail).await
-        }
-        (Some(resample_edge), Some(vad_edge)) => {
-            let (to_resample, resample_in) = edge(resample_edge, m_decode, m_resample, &session);
-            let (to_vad, vad_in) = edge(vad_edge, m_resample, m_vad, &session);
-            spawn_in(
-                &span,
-                run_processor(resample, resample_in, to_vad, Arc::clone(&session)),
-            );
-            spawn_in(
-                &span,
-                run_processor(vad, vad_in, to_batch, Arc::clone(&session)),
-            );
-            front.run(decode, to_resample, tail).await
-        }
+    if ended == IngressEnd::ClientGone {
+        egress.abort();
+        return "client_gone";
     }
+    // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.
+    let outcome = egress.await.unwrap_or(Outcome::ClientGone);
+    reason(outcome, &session)
 }
 
-/// The first processors of the graph: behind decode's edge in their own task, or run by
-/// ingress itself when that edge has capacity 0.
-struct Front<'a> {
-    decode_edge: Option<EdgeSettings>,
-    ingress: &'a StageMetrics,
-    decode: &'a StageMetrics,
+/// Where the graph's tasks are spawned, for one session.
+struct Graph<'a> {
     session: &'a Arc<SessionShared>,
     span: &'a tracing::Span,
 }
 
-impl Front<'_> {
-    async fn run<P, S, F>(
-        self,
-        front: P,
-        out: EdgeTx<Flow<P::Out>>,
-        tail: Tail<'_, S, F>,
-    ) -> &'static str
+impl Graph<'_> {
+    fn spawn<F>(&self, task: F)
     where
-        P: Processor<In = Payload>,
-        S: Stream<Item = Result<Message, WsError>> + Unpin,
-        F: std::future::Future<Output = ()>,
+        F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match self.decode_edge {
-            Some(settings) => {
-                let (to_decode, decode_in) =
-                    edge(settings, self.ingress, self.decode, self.session);
-                spawn_in(
-                    self.span,
-                    run_processor(front, decode_in, out, Arc::clone(self.session)),
-                );
-                tail.run(to_decode).await
-            }
-            None => {
-                let inline = Box::new(Inline::new(
-                    front,
-                    self.ingress.clone(),
-                    self.decode.clone(),
-                    out,
+        spawn_in(self.span, task);
+    }
+
+    /// A synchronous stage in front of `output`: run by its feeder when its edge has no queue,
+    /// else in a task of its own behind one. Returns where the feeder sends.
+    fn stage<P, D>(
+        &self,
+        processor: P,
+        settings: EdgeSettings,
+        from: &StageMetrics,
+        metrics: &StageMetrics,
+        output: D,
+    ) -> Route<Inline<P, D>, EdgeTx<Flow<P::In>>>
+    where
+        P: Processor,
+        D: Downstream<P::Out> + 'static,
+    {
+        match settings.queue() {
+            None => Route::Inline(Inline::new(
+                processor,
+                from.clone(),
+                metrics.clone(),
+                output,
+                Arc::clone(self.session),
+            )),
+            Some(_) => {
+                let (tx, rx) = edge(settings, from, metrics, self.session);
+                self.spawn(run_processor(
+                    processor,
+                    rx,
+                    output,
                     Arc::clone(self.session),
                 ));
-                tail.run(inline).await
+                Route::Queued(tx)
             }
         }
-    }
-}
-
-/// Ingress and the end of the session, once the rest of the graph runs.
-struct Tail<'a, S, F> {
-    ingress: Ingress,
-    source: S,
-    replay: Option<Message>,
-    egress: tokio::task::JoinHandle<Outcome>,
-    stop: F,
-    session: &'a SessionShared,
-}
-
-impl<S, F> Tail<'_, S, F>
-where
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-    F: std::future::Future<Output = ()>,
-{
-    async fn run<D: Downstream<Payload>>(self, output: D) -> &'static str {
-        let Tail {
-            ingress,
-            source,
-            replay,
-            mut egress,
-            stop,
-            session,
-        } = self;
-        let ended = tokio::select! {
-            end = ingress.run(source, replay, output, stop) => end,
-            outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), session),
-        };
-        if ended == IngressEnd::ClientGone {
-            egress.abort();
-            return "client_gone";
-        }
-        // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.
-        let outcome = egress.await.unwrap_or(Outcome::ClientGone);
-        reason(outcome, session)
     }
 }
 

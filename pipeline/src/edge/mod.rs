@@ -46,7 +46,9 @@ impl OverflowPolicy {
 /// Validated settings of one edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeSettings {
-    pub capacity: NonZeroUsize,
+    /// Items the queue holds. 0: no queue; the receiving stage runs in the sending stage's
+    /// task, and the timeout and policy apply to waiting for the stage after it.
+    pub capacity: usize,
     pub send_timeout: Duration,
     pub overflow: OverflowPolicy,
 }
@@ -61,18 +63,27 @@ pub enum EdgeError {
     Overflow,
 }
 
-/// Create an edge. `from` is the sending stage's metrics; `to` is the receiving stage's.
+impl EdgeSettings {
+    /// The queue's capacity; `None` when the edge has none (capacity 0).
+    pub fn queue(&self) -> Option<NonZeroUsize> {
+        NonZeroUsize::new(self.capacity)
+    }
+}
+
+/// Create an edge with a queue. `from` is the sending stage's metrics; `to` is the receiving
+/// stage's. A capacity of 0 is taken as 1: a caller with no queue runs the stage inline.
 pub fn edge<T>(
     settings: EdgeSettings,
     from: &StageMetrics,
     to: &StageMetrics,
     session: &Arc<SessionShared>,
 ) -> (EdgeTx<T>, EdgeRx<T>) {
-    let (tx, rx) = mpsc::channel(settings.capacity.get());
+    let capacity = settings.capacity.max(1);
+    let (tx, rx) = mpsc::channel(capacity);
     // The sender needs the receiver only to evict under `drop_oldest`; the lock is uncontended
     // because the receiver never holds it across an await.
     let rx = Arc::new(Mutex::new(rx));
-    to.queue_capacity.increment(settings.capacity.get() as f64);
+    to.queue_capacity.increment(capacity as f64);
     let edge_tx = EdgeTx {
         tx,
         rx: Arc::clone(&rx),
@@ -83,7 +94,7 @@ pub fn edge<T>(
     };
     let edge_rx = EdgeRx {
         rx,
-        capacity: settings.capacity.get(),
+        capacity,
         metrics: to.clone(),
     };
     (edge_tx, edge_rx)
@@ -223,6 +234,11 @@ impl<T: AudioLength> EdgeTx<T> {
         Ok(Permit { permit, edge: self })
     }
 
+    /// Whether an item sent now would be queued without waiting.
+    pub fn has_room(&self) -> bool {
+        self.tx.capacity() > 0
+    }
+
     pub fn settings(&self) -> EdgeSettings {
         self.settings
     }
@@ -237,6 +253,60 @@ impl<T: AudioLength> EdgeTx<Flow<T>> {
     /// Send a `Finalize` marker; markers are never dropped.
     pub async fn send_finalize(&self) -> Result<(), EdgeError> {
         self.send_reliable(Flow::Finalize).await
+    }
+}
+
+/// What came of waiting for a stage that runs without a queue (see [`wait_for_room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Send now.
+    Ready,
+    /// The item was dropped by the edge's policy (counted and recorded in the session).
+    Dropped,
+}
+
+/// Wait for room in a stage that runs in the sender's task (an edge of capacity 0), as an edge
+/// waits for room in its queue: up to the send timeout (recorded as time blocked), then the
+/// edge's policy. `ready` resolves once the stage can take an item; `audio_us` is what the
+/// item carries, for the drop count. Markers (`reliable`) always wait.
+///
+/// With no queue there is nothing older to evict: `drop_oldest` drops the item being sent.
+///
+/// # Errors
+/// [`EdgeError::Closed`] when `ready` says the stage has gone; [`EdgeError::Overflow`] when the
+/// policy is `close` and the timeout expired.
+pub async fn wait_for_room(
+    settings: &EdgeSettings,
+    from: &StageMetrics,
+    session: &SessionShared,
+    audio_us: u64,
+    reliable: bool,
+    ready: impl std::future::Future<Output = Result<(), EdgeError>>,
+) -> Result<Room, EdgeError> {
+    let started = Instant::now();
+    let waited = if reliable || settings.overflow == OverflowPolicy::Block {
+        Ok(ready.await)
+    } else {
+        timeout(settings.send_timeout, ready).await
+    };
+    from.send_blocked.record(started.elapsed().as_secs_f64());
+    match waited {
+        Ok(Ok(())) => Ok(Room::Ready),
+        Ok(Err(error)) => Err(error),
+        Err(_elapsed) if settings.overflow == OverflowPolicy::Close => {
+            from.error(ErrorKind::Overflow);
+            Err(EdgeError::Overflow)
+        }
+        Err(_elapsed) => {
+            let reason = if settings.overflow == OverflowPolicy::DropOldest {
+                DropReason::OverflowOldest
+            } else {
+                DropReason::OverflowNewest
+            };
+            from.dropped(reason, audio_us);
+            session.record_drop(audio_us);
+            Ok(Room::Dropped)
+        }
     }
 }
 

@@ -1,4 +1,3 @@
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ fn frame(n: u64) -> AudioFrame {
 fn make(policy: OverflowPolicy) -> (EdgeTx<AudioFrame>, EdgeRx<AudioFrame>, Arc<SessionShared>) {
     let session = Arc::new(SessionShared::new());
     let settings = EdgeSettings {
-        capacity: NonZeroUsize::new(2).unwrap(),
+        capacity: 2,
         send_timeout: Duration::from_millis(50),
         overflow: policy,
     };
@@ -90,7 +89,7 @@ async fn dropping_the_receiver_closes_the_edge() {
 async fn markers_are_never_dropped() {
     let session = Arc::new(SessionShared::new());
     let settings = EdgeSettings {
-        capacity: NonZeroUsize::new(1).unwrap(),
+        capacity: 1,
         send_timeout: Duration::from_millis(5),
         overflow: OverflowPolicy::DropNewest,
     };

@@ -36,7 +36,7 @@ fn frames_accumulate_until_the_limit_and_keep_every_sample() {
     let mut builder = Builder::new(1_600);
     let mut out = Vec::new();
     for n in 0..12 {
-        out.extend(builder.push(frame(n * 320, 320, n % 2 == 0)));
+        builder.push(frame(n * 320, 320, n % 2 == 0), &mut out);
     }
     assert_eq!(out.len(), 2);
     assert_eq!(out[0].samples.len(), 1_600);
@@ -55,7 +55,8 @@ fn frames_accumulate_until_the_limit_and_keep_every_sample() {
 #[test]
 fn an_oversized_frame_is_split() {
     let mut builder = Builder::new(1_600);
-    let out = builder.push(frame(0, 4_000, true));
+    let mut out = Vec::new();
+    builder.push(frame(0, 4_000, true), &mut out);
     assert_eq!(
         out.iter().map(|b| b.samples.len()).collect::<Vec<_>>(),
         [1_600, 1_600]
@@ -66,8 +67,10 @@ fn an_oversized_frame_is_split() {
 #[test]
 fn a_gap_starts_a_new_batch() {
     let mut builder = Builder::new(1_600);
-    assert!(builder.push(frame(0, 320, true)).is_empty());
-    let out = builder.push(frame(3_200, 320, true));
+    let mut out = Vec::new();
+    builder.push(frame(0, 320, true), &mut out);
+    assert!(out.is_empty());
+    builder.push(frame(3_200, 320, true), &mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].end_sample(), 320);
     assert_eq!(builder.take().start_sample, 3_200);

@@ -146,6 +146,14 @@ impl Ingress {
                         close_code: close_code::POLICY_VIOLATION,
                     }, ErrorKind::Protocol);
                 }
+                // A stage run in this task holds audio until the one after it has room.
+                sent = output.send_pending(), if output.has_pending() => {
+                    if let Err(error) = sent {
+                        on_send_error(&error, &self.metrics, &self.session);
+                        return IngressEnd::Failed;
+                    }
+                    continue;
+                }
                 message = socket.next() => message,
             };
             last_message = Instant::now();

@@ -64,18 +64,6 @@ pub struct GoogleConfig {
     pub model: String,
     /// Ask for the enhanced variant of the model where one exists (billed at a higher rate).
     pub use_enhanced: bool,
-    /// On a connection carrying more than `coalesce_above_streams` streams, hold a lone batch
-    /// until the next one joins it (or this long) so they leave as one request: every request
-    /// is an HTTP/2 frame and a socket write, the largest cost at a thousand streams. Longer
-    /// than a frame (20 ms) so that frames pair up; adds ~half a frame of latency on average,
-    /// and only under that load. 0 (the default): every batch is sent the moment it arrives.
-    /// Measured at 1,000 clients on 2 cores (BENCHMARKS.md): 45 ms cut the gateway's and the
-    /// emulator's CPU by ~10–20% in one run and not at all in another, and added ~19 ms to every
-    /// marker's latency at 500–750 clients; off until it pays reliably.
-    pub coalesce_ms: u64,
-    /// Streams on one connection above which `coalesce_ms` applies: a connection close to
-    /// `max_streams_per_connection` means the engine is near its capacity.
-    pub coalesce_above_streams: usize,
     /// Hold each gRPC connection's socket writes for at most this long after its previous
     /// write, so requests from many streams leave in one system call. A connection that wrote
     /// nothing for this long writes at once, so a lone stream gains no latency; under load a
@@ -101,8 +89,6 @@ impl Default for GoogleConfig {
             drain_timeout_ms: 10_000,
             model: String::new(),
             use_enhanced: false,
-            coalesce_ms: 0,
-            coalesce_above_streams: 80,
             write_coalesce_us: 1_000,
         }
     }

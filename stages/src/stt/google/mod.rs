@@ -56,8 +56,6 @@ const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// the session's buffer and leaves as one larger request (see `next_chunk`). (A queue of one,
 /// to coalesce sooner, measured no CPU saving at 1,000 clients and tripled median latency.)
 const REQUEST_QUEUE: usize = 8;
-/// Input queue of a session: small, so a busy engine shows as backpressure to the batch stage.
-const INPUT_QUEUE: usize = 2;
 const RESULT_QUEUE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,8 +82,6 @@ pub(crate) struct Settings {
     pub drain_timeout: Duration,
     pub model: String,
     pub use_enhanced: bool,
-    pub coalesce: Duration,
-    pub coalesce_above_streams: usize,
     pub write_coalesce: Duration,
 }
 
@@ -182,9 +178,6 @@ impl GoogleEngine {
         if config.write_coalesce_us > 20_000 {
             return invalid("write_coalesce_us", "must be at most 20000 (one frame)");
         }
-        if config.coalesce_ms > 1_000 {
-            return invalid("coalesce_ms", "must be at most 1000");
-        }
         if config.retry_initial_backoff_ms == 0
             || config.retry_initial_backoff_ms > config.retry_max_backoff_ms
         {
@@ -210,8 +203,6 @@ impl GoogleEngine {
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             model: config.model.clone(),
             use_enhanced: config.use_enhanced,
-            coalesce: Duration::from_millis(config.coalesce_ms),
-            coalesce_above_streams: config.coalesce_above_streams,
             write_coalesce: Duration::from_micros(config.write_coalesce_us),
         };
         let endpoint = Endpoint::from_shared(config.endpoint.clone())
@@ -280,11 +271,10 @@ impl SttEngine for GoogleEngine {
             )));
         }
         let slot = SessionSlot(Arc::clone(&shared));
-        let (audio_tx, audio_rx) = mpsc::channel(INPUT_QUEUE);
         let (results_tx, results_rx) = mpsc::channel(RESULT_QUEUE);
-        tokio::spawn(session::run(shared, slot, config, audio_rx, results_tx));
+        let audio = session::open(shared, slot, &config, results_tx);
         Ok(SttStream {
-            audio: audio_tx,
+            audio,
             results: results_rx,
         })
     }
@@ -303,13 +293,6 @@ impl Drop for SessionSlot {
 pub(crate) struct StreamSlot {
     streams: Arc<AtomicUsize>,
     active: Gauge,
-}
-
-impl StreamSlot {
-    /// Streams open on this slot's connection now.
-    pub(crate) fn connection_streams(&self) -> usize {
-        self.streams.load(Ordering::Relaxed)
-    }
 }
 
 impl Drop for StreamSlot {

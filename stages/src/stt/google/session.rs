@@ -1,7 +1,22 @@
-//! One session's task: audio in, upstream streams one after another, results out.
+//! One session: audio taken in the caller's task, upstream streams driven by a task of its own.
+//!
+//! The session's state (the audio not yet covered by a final, the current upstream stream's
+//! request side and its record of positions) sits behind a lock shared by two sides:
+//!
+//! - [`Input`], the session's `EngineAudio`. The stt stage calls it, by default inside the
+//!   socket's task: it buffers each batch and, while the upstream stream has room, encodes the
+//!   request and queues it at once. A batch costs no task wake-up besides the one that carries
+//!   the request into HTTP/2.
+//! - the session task. It opens, half-closes, rotates and retries upstream streams, reads their
+//!   responses, sends results, keeps the timers, and sends what backed up while a stream was
+//!   full. Input wakes it only when one of those is due (see [`Core::needs_task`]); a session
+//!   streaming steadily wakes it about once per result.
+//!
+//! Neither side holds the lock across an await.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use googleapis_tonic_google_cloud_speech_v1::google::cloud::speech::v1::{
@@ -10,37 +25,61 @@ use googleapis_tonic_google_cloud_speech_v1::google::cloud::speech::v1::{
     streaming_recognize_request::StreamingRequest,
 };
 use pipeline::metrics::{self, Counter, Histogram};
-use pipeline::{AudioBatch, EngineInput, EngineResult, StreamConfig, SttError};
+use pipeline::{
+    AudioBatch, AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, StreamConfig,
+    SttError,
+};
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tonic::Status;
 
-use super::{ENGINE, PendingResponses, SessionSlot, Shared, StreamSlot, code_name, is_transient};
+use super::{
+    ENGINE, PendingResponses, SessionSlot, Settings, Shared, StreamSlot, code_name, is_transient,
+};
 
 /// Google's limit on the audio in one request: 25,600 bytes of LINEAR16.
 pub(crate) const MAX_CHUNK_SAMPLES: u64 = 12_800;
 
 type Results = mpsc::Sender<Result<EngineResult, SttError>>;
 
-pub(super) async fn run(
+/// Start a session: spawns its task; returns its input.
+pub(super) fn open(
     shared: Arc<Shared>,
     slot: SessionSlot,
-    config: StreamConfig,
-    input: mpsc::Receiver<EngineInput>,
+    config: &StreamConfig,
     results: Results,
-) {
-    let mut session = Session::new(shared, config, results);
-    session.run(input).await;
-    tracing::debug!(
-        engine = ENGINE,
-        streams = session.streams,
-        rotations = session.rotations,
-        retries = session.retries,
-        replayed_ms = session.replayed_samples * 1_000 / u64::from(session.rate),
-        "Google session ended."
-    );
-    drop(slot);
+) -> EngineAudio {
+    let rate = config.sample_rate_hz.max(1);
+    let link = Arc::new(Link {
+        core: Mutex::new(Core::new(&shared.settings, rate)),
+        wake: Notify::new(),
+        shared,
+    });
+    let task = Task::new(Arc::clone(&link), config, results);
+    tokio::spawn(task.run(slot));
+    EngineAudio::new(Input { link })
+}
+
+/// What the input side and the session task share.
+struct Link {
+    shared: Arc<Shared>,
+    core: Mutex<Core>,
+    /// Wakes the session task: something only it can do is due.
+    wake: Notify,
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // Plain state, consistent between statements: usable after a panic elsewhere.
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
 }
 
 /// Audio not yet covered by a final, with when it reached the engine.
@@ -89,15 +128,14 @@ enum Responses {
     Open(Box<tonic::Streaming<StreamingRecognizeResponse>>),
 }
 
+/// The current upstream stream's request side and what was sent on it. Its response side is
+/// the task's ([`Task::responses`]), dropped first whenever a stream is let go, so that letting
+/// go resets the stream rather than half-closing it.
 struct Upstream {
-    /// Dropped first, so that dropping an `Upstream` resets the stream (abort) rather than
-    /// half-closing it.
-    responses: Responses,
     /// `None` once half-closed.
     requests: Option<mpsc::Sender<Vec<u8>>>,
-    /// Held for the stream's life (frees the connection's stream count); also says how busy the
-    /// connection is.
-    slot: StreamSlot,
+    /// Held for the stream's life (frees the connection's stream count).
+    _slot: StreamSlot,
     opened: Instant,
     segments: Vec<Segment>,
     samples_sent: u64,
@@ -111,30 +149,16 @@ struct Upstream {
     half_closed_at: Option<Instant>,
 }
 
-enum Wake {
-    Response(Result<Option<StreamingRecognizeResponse>, Status>),
-    Writable(bool),
-    Input(Option<EngineInput>),
-    Timer,
-    ResultsClosed,
+impl Upstream {
+    /// Where this stream's audio began on the session clock (0 before any was sent).
+    fn sent_end_start(&self) -> u64 {
+        self.segments.first().map_or(0, |s| s.session_start)
+    }
 }
 
-/// Keep going, or end the task (results closed, or a final error sent).
-type Flow = Result<(), ()>;
-
-struct Metrics {
-    opened: Counter,
-    open_latency: Histogram,
-    replayed: Histogram,
-    first_result: Histogram,
-    final_latency: Histogram,
-}
-
-struct Session {
-    shared: Arc<Shared>,
+/// The session's state, behind [`Link::core`].
+struct Core {
     rate: u32,
-    first_request: StreamingRecognizeRequest,
-    results: Results,
     buffer: VecDeque<Buffered>,
     buffered_samples: u64,
     speech_batches: usize,
@@ -149,66 +173,28 @@ struct Session {
     upstream: Option<Upstream>,
     last_speech_end: u64,
     last_speech_at: Instant,
-    attempts: u32,
     retry_at: Option<Instant>,
-    /// Stop taking input beyond this much buffered audio (backpressure to the batch stage).
+    /// Refuse input beyond this much buffered audio (backpressure to the batch stage).
     cap_samples: u64,
-    metrics: Metrics,
-    /// One timer for the task's whole life, moved only when its deadline changes: a fresh
-    /// `sleep_until` on every wake-up (~100 a second per session) costs more than the work.
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-    timer_at: Option<Instant>,
-    streams: u64,
+    rotate_after_samples: u64,
+    silence_close_samples: u64,
+    preroll_samples: u64,
+    /// The task was woken and has not looked at the state since.
+    task_told: bool,
+    /// The task has ended: input is refused.
+    task_ended: bool,
+    /// Input waiting for room below `cap_samples`.
+    input_waker: Option<Waker>,
     rotations: u64,
-    retries: u64,
-    replayed_samples: u64,
 }
 
-impl Session {
-    fn new(shared: Arc<Shared>, config: StreamConfig, results: Results) -> Session {
-        let rate = config.sample_rate_hz.max(1);
-        let settings = &shared.settings;
-        let model = config
-            .model
-            .clone()
-            .unwrap_or_else(|| settings.model.clone());
-        let recognition = RecognitionConfig {
-            encoding: AudioEncoding::Linear16 as i32,
-            sample_rate_hertz: i32::try_from(rate).unwrap_or(i32::MAX),
-            audio_channel_count: 1,
-            language_code: config.language_code.clone(),
-            alternative_language_codes: config.alternative_language_codes.clone(),
-            max_alternatives: 1,
-            profanity_filter: config.profanity_filter,
-            speech_contexts: if config.phrase_hints.is_empty() {
-                Vec::new()
-            } else {
-                vec![SpeechContext {
-                    phrases: config.phrase_hints.clone(),
-                    boost: 0.0,
-                }]
-            },
-            enable_word_time_offsets: config.word_time_offsets,
-            enable_automatic_punctuation: config.punctuation,
-            model,
-            use_enhanced: settings.use_enhanced,
-            ..Default::default()
-        };
-        let first_request = StreamingRecognizeRequest {
-            streaming_request: Some(StreamingRequest::StreamingConfig(
-                StreamingRecognitionConfig {
-                    config: Some(recognition),
-                    single_utterance: false,
-                    interim_results: config.interim_results,
-                    ..Default::default()
-                },
-            )),
-        };
+impl Core {
+    fn new(settings: &Settings, rate: u32) -> Core {
+        let samples =
+            |duration: Duration| (duration.as_micros() * u128::from(rate) / 1_000_000) as u64;
         let cap_secs = settings.rotate_after.as_secs() + 60;
-        Session {
+        Core {
             rate,
-            first_request,
-            results,
             buffer: VecDeque::new(),
             buffered_samples: 0,
             speech_batches: 0,
@@ -220,196 +206,16 @@ impl Session {
             upstream: None,
             last_speech_end: 0,
             last_speech_at: Instant::now(),
-            attempts: 0,
             retry_at: None,
             cap_samples: cap_secs * u64::from(rate),
-            metrics: Metrics {
-                opened: metrics::engine::upstream_opened(ENGINE),
-                open_latency: metrics::engine::upstream_open(ENGINE),
-                replayed: metrics::engine::replayed(ENGINE),
-                first_result: metrics::engine::first_result(ENGINE),
-                final_latency: metrics::engine::final_latency(ENGINE),
-            },
-            timer: Box::pin(sleep_until(Instant::now())),
-            timer_at: None,
-            streams: 0,
+            rotate_after_samples: samples(settings.rotate_after),
+            silence_close_samples: samples(settings.silence_close),
+            preroll_samples: samples(settings.preroll),
+            task_told: false,
+            task_ended: false,
+            input_waker: None,
             rotations: 0,
-            retries: 0,
-            replayed_samples: 0,
-            shared,
         }
-    }
-
-    fn samples(&self, duration: Duration) -> u64 {
-        (duration.as_micros() * u128::from(self.rate) / 1_000_000) as u64
-    }
-
-    async fn run(&mut self, mut input: mpsc::Receiver<EngineInput>) {
-        loop {
-            if self.housekeeping().await.is_err() {
-                return;
-            }
-            if self.input_done && self.upstream.is_none() && self.speech_batches == 0 {
-                return;
-            }
-            match self.wait(&mut input).await {
-                Wake::Response(response) => {
-                    if self.on_response(response).await.is_err() {
-                        return;
-                    }
-                }
-                Wake::Writable(true) => self.send_chunk(),
-                // The stream's request side is gone; its response side says why.
-                Wake::Writable(false) => {}
-                Wake::Input(input) => {
-                    self.on_input(input);
-                    // Forward at once if the request stream has room, rather than on the next
-                    // wake-up: one pass through the loop per frame instead of two.
-                    self.send_ready();
-                }
-                Wake::Timer => {
-                    self.timer_at = None;
-                    if self.on_timer().await.is_err() {
-                        return;
-                    }
-                }
-                Wake::ResultsClosed => return,
-            }
-        }
-    }
-
-    /// Open, half-close and trim as the state requires.
-    async fn housekeeping(&mut self) -> Flow {
-        if self.upstream.is_none() {
-            if self.speech_batches == 0 {
-                // Nothing worth transcribing: keep only the pre-roll.
-                self.finalize_at = None;
-                let keep = self.samples(self.shared.settings.preroll);
-                self.trim_to(self.received_end.saturating_sub(keep));
-            } else if self.retry_at.is_none() {
-                self.open().await?;
-            }
-        }
-        let finalize_at = self.finalize_at;
-        if let Some(up) = &mut self.upstream
-            && up.requests.is_some()
-        {
-            let finalize_due = finalize_at
-                .is_some_and(|at| next_chunk(&self.buffer, up.sent_end, Some(at)).is_none());
-            if up.closing || finalize_due {
-                if !up.closing {
-                    up.close_reason = if self.input_done { "end" } else { "finalize" };
-                }
-                up.requests = None;
-                up.half_closed_at = Some(Instant::now());
-            }
-        }
-        Ok(())
-    }
-
-    async fn wait(&mut self, input: &mut mpsc::Receiver<EngineInput>) -> Wake {
-        let now = Instant::now();
-        let settings = &self.shared.settings;
-        let mut timer: Option<Instant> = self.retry_at.filter(|_| self.upstream.is_none());
-        let wants_input = !self.input_done && self.buffered_samples < self.cap_samples;
-        let (responses, requests) = match &mut self.upstream {
-            Some(up) => {
-                let deadline = if let Some(half_closed) = up.half_closed_at {
-                    Some(half_closed + settings.drain_timeout)
-                } else if up.closing {
-                    None
-                } else {
-                    let silence = self.last_speech_at.max(up.opened) + settings.silence_close;
-                    Some(silence.min(up.opened + settings.rotate_after))
-                };
-                timer = min_instant(timer, deadline);
-                let hold = hold_until(&self.buffer, up, self.finalize_at, settings, now);
-                timer = min_instant(timer, hold);
-                let can_send = !up.closing
-                    && hold.is_none()
-                    && next_chunk(&self.buffer, up.sent_end, self.finalize_at).is_some();
-                (
-                    Some(&mut up.responses),
-                    up.requests.as_ref().filter(|_| can_send),
-                )
-            }
-            None => (None, None),
-        };
-        let timer = timer.map(|t| t.max(now));
-        if timer != self.timer_at {
-            if let Some(at) = timer {
-                self.timer.as_mut().reset(at);
-            }
-            self.timer_at = timer;
-        }
-        let timer_set = self.timer_at.is_some();
-        tokio::select! {
-            biased;
-            () = self.results.closed() => Wake::ResultsClosed,
-            response = next_response(responses) => Wake::Response(response),
-            writable = writable(requests) => Wake::Writable(writable),
-            input = input.recv(), if wants_input => Wake::Input(input),
-            () = &mut self.timer, if timer_set => Wake::Timer,
-        }
-    }
-
-    async fn open(&mut self) -> Flow {
-        let opened = timeout(
-            self.shared.settings.open_timeout,
-            self.shared.open_upstream(
-                self.first_request.clone(),
-                self.metrics.open_latency.clone(),
-            ),
-        )
-        .await;
-        let opened = match opened {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(status)) => return self.on_stream_error(status).await,
-            Err(_) => {
-                let status = Status::deadline_exceeded("opening the upstream stream timed out");
-                return self.on_stream_error(status).await;
-            }
-        };
-        self.metrics.opened.increment(1);
-        self.streams += 1;
-        let replay = self.replay_samples();
-        if replay > 0 {
-            self.replayed_samples += replay;
-            self.metrics
-                .replayed
-                .record(replay as f64 / f64::from(self.rate));
-        }
-        tracing::debug!(
-            engine = ENGINE,
-            replay_samples = replay,
-            "Opened an upstream stream."
-        );
-        self.upstream = Some(Upstream {
-            requests: Some(opened.requests),
-            responses: Responses::Pending(opened.responses),
-            slot: opened.slot,
-            opened: Instant::now(),
-            segments: Vec::new(),
-            samples_sent: 0,
-            sent_end: 0,
-            first_audio_at: None,
-            got_result: false,
-            closing: false,
-            close_reason: "end",
-            half_closed_at: None,
-        });
-        Ok(())
-    }
-
-    /// Buffered audio that an earlier stream already received.
-    fn replay_samples(&self) -> u64 {
-        self.buffer
-            .iter()
-            .map(|b| {
-                let end = b.batch.end_sample().min(self.max_sent_end);
-                end.saturating_sub(b.batch.start_sample)
-            })
-            .sum()
     }
 
     fn on_input(&mut self, input: Option<EngineInput>) {
@@ -449,16 +255,16 @@ impl Session {
         if batch.samples.is_empty() {
             return;
         }
-        let silence_close = self.samples(self.shared.settings.silence_close);
+        let now = Instant::now();
         if batch.speech {
             self.last_speech_end = batch.end_sample();
-            self.last_speech_at = Instant::now();
+            self.last_speech_at = now;
         } else if let Some(up) = &mut self.upstream
             && !up.closing
             && batch
                 .end_sample()
                 .saturating_sub(self.last_speech_end.max(up.sent_end_start()))
-                >= silence_close
+                >= self.silence_close_samples
         {
             up.closing = true;
             up.close_reason = "silence";
@@ -468,8 +274,16 @@ impl Session {
         self.speech_batches += usize::from(batch.speech);
         self.buffer.push_back(Buffered {
             batch,
-            arrived: Instant::now(),
+            arrived: now,
         });
+    }
+
+    /// With no stream and nothing worth transcribing, keep only the pre-roll.
+    fn trim_idle(&mut self) {
+        if self.upstream.is_none() && self.speech_batches == 0 {
+            self.finalize_at = None;
+            self.trim_to(self.received_end.saturating_sub(self.preroll_samples));
+        }
     }
 
     /// Send what the request stream has room for now, without waiting.
@@ -494,12 +308,13 @@ impl Session {
     fn send_chunk(&mut self) {
         let Some(up) = &mut self.upstream else { return };
         let Some(requests) = &up.requests else { return };
-        let settings = &self.shared.settings;
-        if hold_until(&self.buffer, up, self.finalize_at, settings, Instant::now()).is_some() {
-            return;
-        }
         let Some((index, from, to)) = next_chunk(&self.buffer, up.sent_end, self.finalize_at)
         else {
+            return;
+        };
+        // Only this session sends on its stream, always under the lock: a permit taken here is
+        // the one `send` below uses.
+        let Ok(permit) = requests.try_reserve() else {
             return;
         };
         let len = (to - from) as usize;
@@ -515,18 +330,13 @@ impl Session {
                 bytes.extend_from_slice(&sample.to_le_bytes());
             }
         }
-        // Room was reserved by `wait`; only this task sends.
-        if requests.try_send(bytes).is_err() {
-            return;
-        }
+        permit.send(bytes);
         record_segment(&mut up.segments, up.samples_sent, from, len as u64);
         up.samples_sent += len as u64;
         up.sent_end = to;
         up.first_audio_at.get_or_insert_with(Instant::now);
         self.max_sent_end = self.max_sent_end.max(to);
-        let rotate_after = (self.shared.settings.rotate_after.as_micros() * u128::from(self.rate)
-            / 1_000_000) as u64;
-        if up.samples_sent >= rotate_after && !up.closing {
+        if up.samples_sent >= self.rotate_after_samples && !up.closing {
             // Out of time for a boundary: half-close so Google finalizes everything sent.
             up.closing = true;
             up.close_reason = "rotation";
@@ -535,33 +345,501 @@ impl Session {
         }
     }
 
-    async fn on_timer(&mut self) -> Flow {
-        let now = Instant::now();
-        if self.upstream.is_none() {
-            if self.retry_at.is_some_and(|at| at <= now) {
-                self.retry_at = None;
-            }
-            return Ok(());
+    /// Whether everything before a pending finalize has been sent.
+    fn finalize_due(&self, up: &Upstream) -> bool {
+        self.finalize_at
+            .is_some_and(|at| next_chunk(&self.buffer, up.sent_end, Some(at)).is_none())
+    }
+
+    /// Whether the task has something to do that input cannot do itself: open a stream,
+    /// half-close one, send audio that backed up behind a full stream, or finish.
+    fn needs_task(&self) -> bool {
+        if self.input_done {
+            return true;
         }
-        let settings = &self.shared.settings;
-        let Some(up) = &mut self.upstream else {
-            return Ok(());
+        match &self.upstream {
+            None => self.speech_batches > 0 && self.retry_at.is_none(),
+            Some(up) => {
+                up.requests.is_some()
+                    && (up.closing
+                        || self.finalize_due(up)
+                        || next_chunk(&self.buffer, up.sent_end, self.finalize_at).is_some())
+            }
+        }
+    }
+
+    /// True when the task should be woken now: it has something to do and was not told yet.
+    fn tell_task(&mut self) -> bool {
+        if self.task_told || !self.needs_task() {
+            return false;
+        }
+        self.task_told = true;
+        true
+    }
+
+    /// Let input go on if it was waiting for room.
+    fn wake_input(&mut self) {
+        if (self.buffered_samples < self.cap_samples || self.task_ended)
+            && let Some(waker) = self.input_waker.take()
+        {
+            waker.wake();
+        }
+    }
+
+    /// Buffered audio that an earlier stream already received.
+    fn replay_samples(&self) -> u64 {
+        self.buffer
+            .iter()
+            .map(|b| {
+                let end = b.batch.end_sample().min(self.max_sent_end);
+                end.saturating_sub(b.batch.start_sample)
+            })
+            .sum()
+    }
+
+    fn uncovered_start(&self) -> u64 {
+        self.buffer
+            .front()
+            .map_or(self.received_end, |b| b.batch.start_sample)
+            .max(self.last_final_end)
+    }
+
+    /// A final ending at `end`, unless it repeats one already sent: whether it advanced, and
+    /// the result to send (none for an empty transcript).
+    fn final_result(
+        &mut self,
+        text: String,
+        confidence: f32,
+        end: u64,
+        latency: &Histogram,
+    ) -> (bool, Option<EngineResult>) {
+        if end <= self.last_final_end {
+            return (false, None);
+        }
+        let start = self.uncovered_start().min(end);
+        let last = end - 1;
+        if let Some(b) = self
+            .buffer
+            .iter()
+            .find(|b| b.batch.start_sample <= last && last < b.batch.end_sample())
+        {
+            latency.record(b.arrived.elapsed().as_secs_f64());
+        }
+        self.trim_to(end);
+        self.last_final_end = end;
+        let result = (!text.is_empty()).then_some(EngineResult {
+            is_final: true,
+            transcript: text,
+            stability: 1.0,
+            confidence,
+            start_sample: start,
+            end_sample: end,
+        });
+        (true, result)
+    }
+
+    /// After a final, whether to replace a stream past half its life: what is left to replay
+    /// is the audio since that final, the least it will ever be.
+    fn rotate_at_boundary(&self, settings: &Settings) -> bool {
+        let Some(up) = &self.upstream else {
+            return false;
         };
-        if let Some(half_closed) = up.half_closed_at {
-            if now >= half_closed + settings.drain_timeout {
-                let status = Status::deadline_exceeded("no end of stream after half-close");
+        if up.closing || up.requests.is_none() {
+            return false;
+        }
+        let audio = Duration::from_micros(up.samples_sent * 1_000_000 / u64::from(self.rate));
+        up.opened.elapsed().max(audio) >= settings.rotate_after / 2
+    }
+
+    /// Drop buffered audio before `position`.
+    fn trim_to(&mut self, position: u64) {
+        while let Some(front) = self.buffer.front_mut() {
+            if front.batch.end_sample() <= position {
+                self.buffered_samples -= front.batch.samples.len() as u64;
+                self.speech_batches -= usize::from(front.batch.speech);
+                self.buffer.pop_front();
+            } else {
+                if front.batch.start_sample < position {
+                    let cut = (position - front.batch.start_sample) as usize;
+                    front.batch.samples.drain(..cut);
+                    front.batch.start_sample = position;
+                    self.buffered_samples -= cut as u64;
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// The session's input: what the stt stage hands audio to.
+struct Input {
+    link: Arc<Link>,
+}
+
+impl AudioSink for Input {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), EngineClosed>> {
+        let mut core = self.link.lock();
+        if core.task_ended {
+            return Poll::Ready(Err(EngineClosed));
+        }
+        if core.buffered_samples < core.cap_samples {
+            return Poll::Ready(Ok(()));
+        }
+        match &core.input_waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => core.input_waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    fn start_send(&mut self, input: EngineInput) -> Result<(), EngineClosed> {
+        let tell = {
+            let mut core = self.link.lock();
+            if core.task_ended {
+                return Err(EngineClosed);
+            }
+            core.on_input(Some(input));
+            core.send_ready();
+            core.trim_idle();
+            core.tell_task()
+        };
+        if tell {
+            self.link.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Input {
+    /// End of input: the task sends what is left, half-closes, and relays the last finals.
+    fn drop(&mut self) {
+        let tell = {
+            let mut core = self.link.lock();
+            core.on_input(None);
+            core.tell_task()
+        };
+        if tell {
+            self.link.wake.notify_one();
+        }
+    }
+}
+
+/// What the task does next.
+enum Step {
+    Open,
+    Wait {
+        timer: Option<Instant>,
+        /// The stream's request side, to wait for room on, when audio backed up behind it.
+        backlog: Option<mpsc::Sender<Vec<u8>>>,
+    },
+    Done,
+}
+
+enum Wake {
+    Response(Result<Option<StreamingRecognizeResponse>, Status>),
+    Writable,
+    Told,
+    Timer,
+}
+
+/// Keep going, or end the task (results closed, or a final error sent).
+type Flow = Result<(), ()>;
+
+struct Metrics {
+    opened: Counter,
+    open_latency: Histogram,
+    replayed: Histogram,
+    first_result: Histogram,
+    final_latency: Histogram,
+}
+
+struct Task {
+    link: Arc<Link>,
+    first_request: StreamingRecognizeRequest,
+    results: Results,
+    /// The response side of `Core::upstream` (see [`Upstream`]).
+    responses: Option<Responses>,
+    attempts: u32,
+    metrics: Metrics,
+    /// One timer for the task's whole life, moved only when its deadline changes.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timer_at: Option<Instant>,
+    streams: u64,
+    retries: u64,
+    replayed_samples: u64,
+}
+
+impl Task {
+    fn new(link: Arc<Link>, config: &StreamConfig, results: Results) -> Task {
+        let settings = link.settings();
+        let model = config
+            .model
+            .clone()
+            .unwrap_or_else(|| settings.model.clone());
+        let recognition = RecognitionConfig {
+            encoding: AudioEncoding::Linear16 as i32,
+            sample_rate_hertz: i32::try_from(config.sample_rate_hz.max(1)).unwrap_or(i32::MAX),
+            audio_channel_count: 1,
+            language_code: config.language_code.clone(),
+            alternative_language_codes: config.alternative_language_codes.clone(),
+            max_alternatives: 1,
+            profanity_filter: config.profanity_filter,
+            speech_contexts: if config.phrase_hints.is_empty() {
+                Vec::new()
+            } else {
+                vec![SpeechContext {
+                    phrases: config.phrase_hints.clone(),
+                    boost: 0.0,
+                }]
+            },
+            enable_word_time_offsets: config.word_time_offsets,
+            enable_automatic_punctuation: config.punctuation,
+            model,
+            use_enhanced: settings.use_enhanced,
+            ..Default::default()
+        };
+        let first_request = StreamingRecognizeRequest {
+            streaming_request: Some(StreamingRequest::StreamingConfig(
+                StreamingRecognitionConfig {
+                    config: Some(recognition),
+                    single_utterance: false,
+                    interim_results: config.interim_results,
+                    ..Default::default()
+                },
+            )),
+        };
+        Task {
+            first_request,
+            results,
+            responses: None,
+            attempts: 0,
+            metrics: Metrics {
+                opened: metrics::engine::upstream_opened(ENGINE),
+                open_latency: metrics::engine::upstream_open(ENGINE),
+                replayed: metrics::engine::replayed(ENGINE),
+                first_result: metrics::engine::first_result(ENGINE),
+                final_latency: metrics::engine::final_latency(ENGINE),
+            },
+            timer: Box::pin(sleep_until(Instant::now())),
+            timer_at: None,
+            streams: 0,
+            retries: 0,
+            replayed_samples: 0,
+            link,
+        }
+    }
+
+    async fn run(mut self, slot: SessionSlot) {
+        self.drive().await;
+        let rotations = {
+            let mut core = self.link.lock();
+            core.task_ended = true;
+            core.wake_input();
+            self.responses = None;
+            core.upstream = None;
+            core.rotations
+        };
+        tracing::debug!(
+            engine = ENGINE,
+            streams = self.streams,
+            rotations,
+            retries = self.retries,
+            replayed_ms = self.replayed_samples * 1_000 / u64::from(self.link.lock().rate),
+            "Google session ended."
+        );
+        drop(slot);
+    }
+
+    async fn drive(&mut self) {
+        loop {
+            let (timer, backlog) = match self.housekeeping() {
+                Step::Done => return,
+                Step::Open => {
+                    if self.open().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Step::Wait { timer, backlog } => (timer, backlog),
+            };
+            let timer = timer.map(|t| t.max(Instant::now()));
+            if timer != self.timer_at {
+                if let Some(at) = timer {
+                    self.timer.as_mut().reset(at);
+                }
+                self.timer_at = timer;
+            }
+            let timer_set = self.timer_at.is_some();
+            let wake = tokio::select! {
+                biased;
+                () = self.results.closed() => return,
+                response = next_response(self.responses.as_mut()) => Wake::Response(response),
+                () = writable(backlog.as_ref()) => Wake::Writable,
+                () = self.link.wake.notified() => Wake::Told,
+                () = &mut self.timer, if timer_set => Wake::Timer,
+            };
+            // Let go of the request side before acting: a half-close needs every sender gone.
+            drop(backlog);
+            let flow = match wake {
+                Wake::Response(response) => self.on_response(response).await,
+                Wake::Writable => {
+                    self.link.lock().send_ready();
+                    Ok(())
+                }
+                Wake::Told => Ok(()),
+                Wake::Timer => {
+                    self.timer_at = None;
+                    self.on_timer().await
+                }
+            };
+            if flow.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Look at the state: half-close, trim and wake input as it requires; say what is next.
+    fn housekeeping(&mut self) -> Step {
+        let link = Arc::clone(&self.link);
+        let settings = link.settings();
+        let mut core = link.lock();
+        core.task_told = false;
+        if core.upstream.is_none() {
+            self.responses = None;
+            if core.speech_batches == 0 {
+                core.trim_idle();
+            } else if core.retry_at.is_none() {
+                return Step::Open;
+            }
+        }
+        let now = Instant::now();
+        let finalize_due = core
+            .upstream
+            .as_ref()
+            .is_some_and(|up| core.finalize_due(up));
+        let input_done = core.input_done;
+        if let Some(up) = &mut core.upstream
+            && up.requests.is_some()
+            && (up.closing || finalize_due)
+        {
+            if !up.closing {
+                up.close_reason = if input_done { "end" } else { "finalize" };
+            }
+            up.requests = None;
+            up.half_closed_at = Some(now);
+        }
+        if core.input_done && core.upstream.is_none() && core.speech_batches == 0 {
+            return Step::Done;
+        }
+        core.wake_input();
+        let mut timer = core.retry_at.filter(|_| core.upstream.is_none());
+        let mut backlog = None;
+        if let Some(up) = &core.upstream {
+            let deadline = if let Some(half_closed) = up.half_closed_at {
+                Some(half_closed + settings.drain_timeout)
+            } else if up.closing {
+                None
+            } else {
+                let silence = core.last_speech_at.max(up.opened) + settings.silence_close;
+                Some(silence.min(up.opened + settings.rotate_after))
+            };
+            timer = min_instant(timer, deadline);
+            if !up.closing && next_chunk(&core.buffer, up.sent_end, core.finalize_at).is_some() {
+                backlog = up.requests.clone();
+            }
+        }
+        Step::Wait { timer, backlog }
+    }
+
+    async fn open(&mut self) -> Flow {
+        let shared = Arc::clone(&self.link.shared);
+        let opened = timeout(
+            shared.settings.open_timeout,
+            shared.open_upstream(
+                self.first_request.clone(),
+                self.metrics.open_latency.clone(),
+            ),
+        )
+        .await;
+        let opened = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(status)) => return self.on_stream_error(status).await,
+            Err(_) => {
+                let status = Status::deadline_exceeded("opening the upstream stream timed out");
                 return self.on_stream_error(status).await;
             }
-        } else if !up.closing {
-            if now >= up.opened + settings.rotate_after {
-                up.closing = true;
-                up.close_reason = "rotation";
-                self.rotations += 1;
-                metrics::engine::rotation(ENGINE, "forced");
-            } else if now >= self.last_speech_at.max(up.opened) + settings.silence_close {
-                up.closing = true;
-                up.close_reason = "silence";
+        };
+        self.metrics.opened.increment(1);
+        self.streams += 1;
+        let mut core = self.link.lock();
+        let replay = core.replay_samples();
+        if replay > 0 {
+            self.replayed_samples += replay;
+            self.metrics
+                .replayed
+                .record(replay as f64 / f64::from(core.rate));
+        }
+        tracing::debug!(
+            engine = ENGINE,
+            replay_samples = replay,
+            "Opened an upstream stream."
+        );
+        core.upstream = Some(Upstream {
+            requests: Some(opened.requests),
+            _slot: opened.slot,
+            opened: Instant::now(),
+            segments: Vec::new(),
+            samples_sent: 0,
+            sent_end: 0,
+            first_audio_at: None,
+            got_result: false,
+            closing: false,
+            close_reason: "end",
+            half_closed_at: None,
+        });
+        self.responses = Some(Responses::Pending(opened.responses));
+        core.send_ready();
+        Ok(())
+    }
+
+    async fn on_timer(&mut self) -> Flow {
+        let now = Instant::now();
+        let expired = {
+            let link = Arc::clone(&self.link);
+            let settings = link.settings();
+            let mut core = link.lock();
+            let last_speech_at = core.last_speech_at;
+            match &mut core.upstream {
+                None => {
+                    if core.retry_at.is_some_and(|at| at <= now) {
+                        core.retry_at = None;
+                    }
+                    false
+                }
+                Some(up) => {
+                    if let Some(half_closed) = up.half_closed_at {
+                        now >= half_closed + settings.drain_timeout
+                    } else {
+                        if !up.closing {
+                            if now >= up.opened + settings.rotate_after {
+                                up.closing = true;
+                                up.close_reason = "rotation";
+                                core.rotations += 1;
+                                metrics::engine::rotation(ENGINE, "forced");
+                            } else if now >= last_speech_at.max(up.opened) + settings.silence_close
+                            {
+                                up.closing = true;
+                                up.close_reason = "silence";
+                            }
+                        }
+                        false
+                    }
+                }
             }
+        };
+        if expired {
+            let status = Status::deadline_exceeded("no end of stream after half-close");
+            return self.on_stream_error(status).await;
         }
         Ok(())
     }
@@ -579,154 +857,131 @@ impl Session {
             let status = Status::new(tonic::Code::from(error.code), error.message);
             return self.on_stream_error(status).await;
         }
-        let Some(up) = &mut self.upstream else {
-            return Ok(());
-        };
-        if !up.got_result && !response.results.is_empty() {
-            up.got_result = true;
-            if let Some(first_audio) = up.first_audio_at {
-                self.metrics
-                    .first_result
-                    .record(first_audio.elapsed().as_secs_f64());
+        let mut out = Vec::new();
+        {
+            let link = Arc::clone(&self.link);
+            let mut core = link.lock();
+            let core = &mut *core;
+            let Some(up) = &mut core.upstream else {
+                return Ok(());
+            };
+            if !up.got_result && !response.results.is_empty() {
+                up.got_result = true;
+                if let Some(first_audio) = up.first_audio_at {
+                    self.metrics
+                        .first_result
+                        .record(first_audio.elapsed().as_secs_f64());
+                }
             }
-        }
-        let rate = u64::from(self.rate);
-        let mut finals = Vec::new();
-        let mut interim: Option<(String, f32, u64)> = None;
-        for result in &response.results {
-            let (text, confidence) = result
-                .alternatives
-                .first()
-                .map(|a| (a.transcript.as_str(), a.confidence))
-                .unwrap_or(("", 0.0));
-            let stream_end = result
-                .result_end_time
-                .as_ref()
-                .map(|d| {
-                    let secs = u64::try_from(d.seconds).unwrap_or(0);
-                    let nanos = u64::try_from(d.nanos).unwrap_or(0);
-                    secs * rate + nanos * rate / 1_000_000_000
-                })
-                .unwrap_or(up.samples_sent)
-                .min(up.samples_sent);
-            let end = to_session(&up.segments, stream_end).unwrap_or(up.sent_end);
-            if result.is_final {
-                finals.push((text.trim().to_string(), confidence, end));
-            } else {
-                // Google splits an interim into a stable and an unstable part; together they are
-                // the hypothesis.
-                let entry = interim.get_or_insert_with(|| (String::new(), result.stability, end));
-                entry.0.push_str(text);
-                entry.2 = entry.2.max(end);
+            let rate = u64::from(core.rate);
+            let mut finals = Vec::new();
+            let mut interim: Option<(String, f32, u64)> = None;
+            for result in &response.results {
+                let (text, confidence) = result
+                    .alternatives
+                    .first()
+                    .map(|a| (a.transcript.as_str(), a.confidence))
+                    .unwrap_or(("", 0.0));
+                let stream_end = result
+                    .result_end_time
+                    .as_ref()
+                    .map(|d| {
+                        let secs = u64::try_from(d.seconds).unwrap_or(0);
+                        let nanos = u64::try_from(d.nanos).unwrap_or(0);
+                        secs * rate + nanos * rate / 1_000_000_000
+                    })
+                    .unwrap_or(up.samples_sent)
+                    .min(up.samples_sent);
+                let end = to_session(&up.segments, stream_end).unwrap_or(up.sent_end);
+                if result.is_final {
+                    finals.push((text.trim().to_string(), confidence, end));
+                } else {
+                    // Google splits an interim into a stable and an unstable part; together
+                    // they are the hypothesis.
+                    let entry =
+                        interim.get_or_insert_with(|| (String::new(), result.stability, end));
+                    entry.0.push_str(text);
+                    entry.2 = entry.2.max(end);
+                }
             }
-        }
-        let mut had_final = false;
-        for (text, confidence, end) in finals {
-            had_final |= self.emit_final(text, confidence, end).await?;
-        }
-        if let Some((text, stability, end)) = interim {
-            let text = text.trim();
-            if !text.is_empty() && end > self.last_final_end {
-                let result = EngineResult {
-                    is_final: false,
-                    transcript: text.to_string(),
-                    stability,
-                    confidence: 0.0,
-                    start_sample: self.uncovered_start(),
-                    end_sample: end,
-                };
-                self.results.send(Ok(result)).await.map_err(|_| ())?;
+            let mut had_final = false;
+            for (text, confidence, end) in finals {
+                let (advanced, result) =
+                    core.final_result(text, confidence, end, &self.metrics.final_latency);
+                if advanced {
+                    had_final = true;
+                    self.attempts = 0;
+                }
+                out.extend(result);
             }
+            if let Some((text, stability, end)) = interim {
+                let text = text.trim();
+                if !text.is_empty() && end > core.last_final_end {
+                    out.push(EngineResult {
+                        is_final: false,
+                        transcript: text.to_string(),
+                        stability,
+                        confidence: 0.0,
+                        start_sample: core.uncovered_start(),
+                        end_sample: end,
+                    });
+                }
+            }
+            if had_final && core.rotate_at_boundary(link.settings()) {
+                // Responses first: letting go of the stream resets it.
+                self.responses = None;
+                core.upstream = None;
+                core.rotations += 1;
+                metrics::engine::rotation(ENGINE, "boundary");
+                metrics::engine::upstream_closed(ENGINE, "rotation");
+            }
+            core.wake_input();
         }
-        if had_final {
-            self.maybe_rotate_at_boundary();
+        for result in out {
+            self.results.send(Ok(result)).await.map_err(|_| ())?;
         }
         Ok(())
     }
 
-    fn uncovered_start(&self) -> u64 {
-        self.buffer
-            .front()
-            .map_or(self.received_end, |b| b.batch.start_sample)
-            .max(self.last_final_end)
-    }
-
-    /// Emit a final ending at `end` unless it repeats one already sent; true if it advanced.
-    async fn emit_final(&mut self, text: String, confidence: f32, end: u64) -> Result<bool, ()> {
-        if end <= self.last_final_end {
-            return Ok(false);
-        }
-        let start = self.uncovered_start().min(end);
-        let last = end - 1;
-        if let Some(b) = self
-            .buffer
-            .iter()
-            .find(|b| b.batch.start_sample <= last && last < b.batch.end_sample())
-        {
-            self.metrics
-                .final_latency
-                .record(b.arrived.elapsed().as_secs_f64());
-        }
-        self.trim_to(end);
-        self.last_final_end = end;
-        self.attempts = 0;
-        if !text.is_empty() {
-            let result = EngineResult {
-                is_final: true,
-                transcript: text,
-                stability: 1.0,
-                confidence,
-                start_sample: start,
-                end_sample: end,
-            };
-            self.results.send(Ok(result)).await.map_err(|_| ())?;
-        }
-        Ok(true)
-    }
-
-    /// After a final, replace a stream past half its life: what is left to replay is the audio
-    /// since that final, the least it will ever be.
-    fn maybe_rotate_at_boundary(&mut self) {
-        let settings = &self.shared.settings;
-        let Some(up) = &self.upstream else { return };
-        if up.closing || up.requests.is_none() {
-            return;
-        }
-        let half = settings.rotate_after / 2;
-        let audio = Duration::from_micros(up.samples_sent * 1_000_000 / u64::from(self.rate));
-        if up.opened.elapsed().max(audio) >= half {
-            self.upstream = None;
-            self.rotations += 1;
-            metrics::engine::rotation(ENGINE, "boundary");
-            metrics::engine::upstream_closed(ENGINE, "rotation");
-        }
-    }
-
     /// The upstream stream ended without error.
     async fn on_stream_end(&mut self) -> Flow {
-        let Some(up) = self.upstream.take() else {
-            return Ok(());
+        let unasked = {
+            let mut core = self.link.lock();
+            self.responses = None;
+            let Some(up) = core.upstream.take() else {
+                return Ok(());
+            };
+            if up.requests.is_some() {
+                true
+            } else {
+                // After a half-close Google finalizes everything it received.
+                metrics::engine::upstream_closed(ENGINE, up.close_reason);
+                core.trim_to(up.sent_end);
+                core.last_final_end = core.last_final_end.max(up.sent_end);
+                if core.finalize_at.is_some_and(|at| at <= up.sent_end) {
+                    core.finalize_at = None;
+                }
+                core.wake_input();
+                false
+            }
         };
-        if up.requests.is_some() {
+        if unasked {
             // Ended by the server before we half-closed: what it did not finalize is replayed.
             return self
                 .on_stream_error(Status::aborted("the upstream stream ended unasked"))
                 .await;
-        }
-        // After a half-close Google finalizes everything it received.
-        metrics::engine::upstream_closed(ENGINE, up.close_reason);
-        self.trim_to(up.sent_end);
-        self.last_final_end = self.last_final_end.max(up.sent_end);
-        if self.finalize_at.is_some_and(|at| at <= up.sent_end) {
-            self.finalize_at = None;
         }
         self.attempts = 0;
         Ok(())
     }
 
     async fn on_stream_error(&mut self, status: Status) -> Flow {
-        if self.upstream.take().is_some() {
-            metrics::engine::upstream_closed(ENGINE, "error");
+        {
+            let mut core = self.link.lock();
+            self.responses = None;
+            if core.upstream.take().is_some() {
+                metrics::engine::upstream_closed(ENGINE, "error");
+            }
         }
         let code = code_name(status.code());
         if !is_transient(status.code()) {
@@ -744,7 +999,7 @@ impl Session {
             return Err(());
         }
         self.attempts += 1;
-        if self.attempts > self.shared.settings.max_retries {
+        if self.attempts > self.link.settings().max_retries {
             tracing::warn!(
                 engine = ENGINE,
                 code,
@@ -775,13 +1030,13 @@ impl Session {
             delay_ms = delay.as_millis() as u64,
             "Upstream stream failed; reopening."
         );
-        self.retry_at = Some(Instant::now() + delay);
+        self.link.lock().retry_at = Some(Instant::now() + delay);
         Ok(())
     }
 
     /// Exponential backoff with jitter: uniformly within the upper half of the current step.
     fn backoff(&self) -> Duration {
-        let settings = &self.shared.settings;
+        let settings = self.link.settings();
         let exponent = self.attempts.saturating_sub(1).min(20);
         let step = settings
             .retry_initial
@@ -790,32 +1045,6 @@ impl Session {
         let step_us = step.as_micros() as u64;
         let jittered = rand::rng().random_range(step_us / 2..=step_us.max(1));
         Duration::from_micros(jittered)
-    }
-
-    /// Drop buffered audio before `position`.
-    fn trim_to(&mut self, position: u64) {
-        while let Some(front) = self.buffer.front_mut() {
-            if front.batch.end_sample() <= position {
-                self.buffered_samples -= front.batch.samples.len() as u64;
-                self.speech_batches -= usize::from(front.batch.speech);
-                self.buffer.pop_front();
-            } else {
-                if front.batch.start_sample < position {
-                    let cut = (position - front.batch.start_sample) as usize;
-                    front.batch.samples.drain(..cut);
-                    front.batch.start_sample = position;
-                    self.buffered_samples -= cut as u64;
-                }
-                break;
-            }
-        }
-    }
-}
-
-impl Upstream {
-    /// Where this stream's audio began on the session clock (0 before any was sent).
-    fn sent_end_start(&self) -> u64 {
-        self.segments.first().map_or(0, |s| s.session_start)
     }
 }
 
@@ -832,7 +1061,15 @@ fn next_chunk(
     sent_end: u64,
     limit: Option<u64>,
 ) -> Option<(usize, u64, u64)> {
-    let index = buffer.partition_point(|b| b.batch.end_sample() <= sent_end);
+    // Usually everything but the newest batch was sent: look from the back.
+    let index = match buffer.back() {
+        Some(last) if last.batch.start_sample >= sent_end => {
+            buffer.partition_point(|b| b.batch.end_sample() <= sent_end)
+        }
+        Some(last) if last.batch.end_sample() <= sent_end => return None,
+        Some(_) => buffer.len() - 1,
+        None => return None,
+    };
     let first = &buffer.get(index)?.batch;
     let from = first.start_sample.max(sent_end);
     let max_to = limit.unwrap_or(u64::MAX).min(from + MAX_CHUNK_SAMPLES);
@@ -847,32 +1084,6 @@ fn next_chunk(
         to = next.batch.end_sample().min(max_to);
     }
     Some((index, from, to))
-}
-
-/// Until when to hold the next chunk back so it leaves with more audio, if at all: only on a
-/// connection carrying more than `coalesce_above_streams` streams, only while the chunk is
-/// shorter than two of its batches, never past `coalesce` after its first audio arrived, and
-/// never when a finalize or the end of input is waiting on it.
-fn hold_until(
-    buffer: &VecDeque<Buffered>,
-    up: &Upstream,
-    finalize_at: Option<u64>,
-    settings: &super::Settings,
-    now: Instant,
-) -> Option<Instant> {
-    if settings.coalesce.is_zero()
-        || finalize_at.is_some()
-        || up.slot.connection_streams() <= settings.coalesce_above_streams
-    {
-        return None;
-    }
-    let (index, from, to) = next_chunk(buffer, up.sent_end, None)?;
-    let first = &buffer[index];
-    if to - from >= 2 * first.batch.samples.len() as u64 {
-        return None;
-    }
-    let until = first.arrived + settings.coalesce;
-    (until > now).then_some(until)
 }
 
 fn min_instant(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -899,9 +1110,11 @@ async fn next_response(
     }
 }
 
-async fn writable(requests: Option<&mpsc::Sender<Vec<u8>>>) -> bool {
+/// Resolves when `requests` has room (or is closed: its response side then says why).
+async fn writable(requests: Option<&mpsc::Sender<Vec<u8>>>) {
     match requests {
-        Some(requests) => requests.reserve().await.is_ok(),
+        // The permit is given back at once: the send happens under the lock.
+        Some(requests) => drop(requests.reserve().await),
         None => std::future::pending().await,
     }
 }
@@ -932,10 +1145,16 @@ mod chunk_tests {
         assert_eq!(next_chunk(&buffer, 0, None), Some((0, 0, 960)));
         assert_eq!(next_chunk(&buffer, 400, None), Some((1, 400, 960)));
         assert_eq!(next_chunk(&buffer, 960, None), Some((3, 2000, 2320)));
+        assert_eq!(next_chunk(&buffer, 2100, None), Some((3, 2100, 2320)));
         assert_eq!(next_chunk(&buffer, 0, Some(500)), Some((0, 0, 500)));
         assert_eq!(next_chunk(&buffer, 500, Some(500)), None);
         assert_eq!(next_chunk(&buffer, 2320, None), None);
+        assert_eq!(next_chunk(&VecDeque::new(), 0, None), None);
         let long: VecDeque<Buffered> = (0..50).map(|i| buffered(i * 320, 320)).collect();
         assert_eq!(next_chunk(&long, 0, None), Some((0, 0, MAX_CHUNK_SAMPLES)));
+        assert_eq!(
+            next_chunk(&long, 49 * 320, None),
+            Some((49, 49 * 320, 50 * 320))
+        );
     }
 }

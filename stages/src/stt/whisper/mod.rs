@@ -23,9 +23,11 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
+use pipeline::engine::LatencyClock;
 use pipeline::metrics::{Counter, Gauge, Histogram, whisper as m};
 use pipeline::{
-    AudioBatch, EngineInput, EngineResult, StreamConfig, SttEngine, SttError, SttStream,
+    AudioBatch, EngineAudio, EngineInput, EngineResult, StreamConfig, SttEngine, SttError,
+    SttStream,
 };
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
@@ -392,12 +394,12 @@ impl SttEngine for WhisperEngine {
                 ))
             })?;
         let seat = Seat::new(permit, m::streams());
-        let (audio_tx, audio_rx) = mpsc::channel(2);
+        let (audio, audio_rx) = EngineAudio::channel(2);
         let (results_tx, results_rx) = mpsc::channel(4);
         let session = Session::new(Arc::clone(&self.inner), config.interim_results);
         tokio::spawn(session.run(audio_rx, results_tx, seat));
         Ok(SttStream {
-            audio: audio_tx,
+            audio,
             results: results_rx,
         })
     }
@@ -753,6 +755,7 @@ impl Session {
         let end_of_utterance = inner.settings.end_of_utterance;
         let mut input_open = true;
         let mut last_audio = Instant::now();
+        let mut clock = LatencyClock::new("whisper");
         while input_open || !self.ended.is_empty() || self.in_flight.is_some() {
             let reading = input_open && self.ended.len() < MAX_WAITING_FINALS;
             if !reading {
@@ -783,6 +786,7 @@ impl Session {
                     match outcome {
                         Ok(None) => {}
                         Ok(Some(result)) => {
+                            clock.received(&result);
                             if results.send(Ok(result)).await.is_err() {
                                 return;
                             }
@@ -806,6 +810,7 @@ impl Session {
                 }
                 Event::Input(Some(EngineInput::Audio(batch))) => {
                     last_audio = Instant::now();
+                    clock.handed_over(&batch);
                     self.segmenter.push(&batch, &mut self.ended);
                 }
                 Event::Input(Some(EngineInput::Finalize)) => {

@@ -301,7 +301,10 @@ async fn transcribe(engine: &WhisperEngine, speech: &[i16], realtime: bool) -> T
         word_time_offsets: false,
         phrase_hints: vec![],
     };
-    let SttStream { audio, mut results } = engine.open(config).unwrap();
+    let SttStream {
+        mut audio,
+        mut results,
+    } = engine.open(config).unwrap();
     let started = Instant::now();
     let send = async move {
         for frame in frames {
