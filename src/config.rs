@@ -453,10 +453,11 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        // VOXFLOW_LOG and VOXFLOW_LOG_FORMAT configure the process (logging), not the pipeline.
+        // VOXFLOW_LOG, VOXFLOW_LOG_FORMAT and VOXFLOW_WORKER_THREADS configure the process
+        // (logging, runtime), not the pipeline.
         figment = figment.merge(
             Env::prefixed("VOXFLOW_")
-                .ignore(&["LOG", "LOG_FORMAT"])
+                .ignore(&["LOG", "LOG_FORMAT", "WORKER_THREADS"])
                 .split("__"),
         );
         figment

@@ -12,6 +12,12 @@ struct Cli {
     /// Log format: `text` for terminals, `json` for collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "VOXFLOW_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Runtime worker threads (default: one per core). Fewer than the cores when other
+    /// processes share the machine: each worker that wakes another costs a futex call and a
+    /// context switch (measured: one worker spent ~10% less CPU per stream than two on a
+    /// 2-core machine also running the load generator and the emulator; BENCHMARKS.md).
+    #[arg(long, global = true, env = "VOXFLOW_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,9 +94,11 @@ fn main() -> anyhow::Result<()> {
         Command::Models { command } => return models(command),
         command => command,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        builder.worker_threads(usize::from(threads));
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(async move {
         match command {
             Command::Serve { config } => serve(config).await,

@@ -81,6 +81,15 @@ pub enum SttError {
 #[error("the engine stream has ended")]
 pub struct EngineClosed;
 
+/// Why an engine did not take an input now.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// No room now: here is the input back; wait for [`EngineAudio::ready`].
+    Full(EngineInput),
+    /// The stream has ended.
+    Closed,
+}
+
 /// An engine's input side, as the engine implements it.
 pub trait AudioSink: Send {
     /// Ready when one more input would be taken now. Registers `cx` to be woken when that
@@ -90,11 +99,13 @@ pub trait AudioSink: Send {
     /// [`EngineClosed`] once the stream has ended.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), EngineClosed>>;
 
-    /// Take `input`. Called only after [`AudioSink::poll_ready`] returned ready.
+    /// Take `input` if there is room now. (One call per input on the hot path: no separate
+    /// readiness check.)
     ///
     /// # Errors
-    /// [`EngineClosed`] once the stream has ended.
-    fn start_send(&mut self, input: EngineInput) -> Result<(), EngineClosed>;
+    /// [`TrySendError::Full`] with the input when there is no room, [`TrySendError::Closed`]
+    /// once the stream has ended.
+    fn try_send(&mut self, input: EngineInput) -> Result<(), TrySendError>;
 }
 
 /// Where a session's audio enters its engine stream. Dropping it ends the input.
@@ -133,21 +144,29 @@ impl EngineAudio {
         matches!(self.0.poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 
-    /// Take `input` after [`EngineAudio::ready`] (or [`EngineAudio::has_room`]).
+    /// See [`AudioSink::try_send`].
     ///
     /// # Errors
-    /// [`EngineClosed`] once the stream has ended.
-    pub fn start_send(&mut self, input: EngineInput) -> Result<(), EngineClosed> {
-        self.0.start_send(input)
+    /// As [`AudioSink::try_send`].
+    pub fn try_send(&mut self, input: EngineInput) -> Result<(), TrySendError> {
+        self.0.try_send(input)
     }
 
-    /// Wait for room, then hand `input` over.
+    /// Hand `input` over, waiting for room.
     ///
     /// # Errors
     /// [`EngineClosed`] once the stream has ended.
-    pub async fn send(&mut self, input: EngineInput) -> Result<(), EngineClosed> {
-        self.ready().await?;
-        self.start_send(input)
+    pub async fn send(&mut self, mut input: EngineInput) -> Result<(), EngineClosed> {
+        loop {
+            match self.0.try_send(input) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed) => return Err(EngineClosed),
+                Err(TrySendError::Full(back)) => {
+                    input = back;
+                    self.ready().await?;
+                }
+            }
+        }
     }
 }
 
@@ -159,8 +178,13 @@ impl AudioSink for Channel {
         self.0.poll_reserve(cx).map_err(|_| EngineClosed)
     }
 
-    fn start_send(&mut self, input: EngineInput) -> Result<(), EngineClosed> {
-        self.0.send_item(input).map_err(|_| EngineClosed)
+    fn try_send(&mut self, input: EngineInput) -> Result<(), TrySendError> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.0.poll_reserve(&mut cx) {
+            Poll::Ready(Ok(())) => self.0.send_item(input).map_err(|_| TrySendError::Closed),
+            Poll::Ready(Err(_)) => Err(TrySendError::Closed),
+            Poll::Pending => Err(TrySendError::Full(input)),
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`edge`]: bounded, timed, accounted channels between stages.
 //! - [`processor`]: the synchronous stage shape and the adapter that runs it as a task.
 //! - [`session`]: what the stages of one session share (drops to report, a fatal error).
+//! - [`rare`]: a future polled only when it was woken, for rare events beside hot ones.
 //! - [`engine`]: the `SttEngine` trait the `stt` stage drives.
 //! - [`metrics`]: every metric name and label voxflow emits.
 //! - `testing` (feature `testing`): a deterministic in-process engine for tests.
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod metrics;
 pub mod processor;
 pub mod protocol;
+pub mod rare;
 pub mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -30,7 +32,7 @@ pub use audio::{AudioBatch, AudioFormat, AudioFrame, Encoding, Payload};
 pub use edge::{EdgeError, EdgeRx, EdgeSettings, EdgeTx, OverflowPolicy, edge};
 pub use engine::{
     AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, LatencyClock, StreamConfig,
-    SttEngine, SttError, SttStream,
+    SttEngine, SttError, SttStream, TrySendError,
 };
 pub use processor::{Processor, run_processor};
 pub use session::{SessionError, SessionShared};

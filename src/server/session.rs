@@ -14,6 +14,7 @@ use pipeline::processor::{Downstream, Inline, Processor, Route, StageError, run_
 use pipeline::protocol::{
     self, ClientMessage, EffectiveConfig, ProtocolError, ServerMessage, StartFields,
 };
+use pipeline::rare::Rare;
 use pipeline::session::close_code;
 use pipeline::{
     AudioFormat, EdgeSettings, EdgeTx, Flow, SessionError, SessionShared, StreamConfig, SttStream,
@@ -244,7 +245,8 @@ where
         Arc::clone(&session),
     )
     .with_retry_after(settings.limits.retry_after);
-    let mut egress = tokio::spawn(egress.run(egress_in).instrument(span.clone()));
+    // Polled only when it ends, not at every frame ingress handles (see `Rare`).
+    let mut egress = Rare::new(tokio::spawn(egress.run(egress_in).instrument(span.clone())));
     let ingress = Ingress::new(
         plan.format,
         settings.idle_timeout,
@@ -266,7 +268,7 @@ where
         outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), &session),
     };
     if ended == IngressEnd::ClientGone {
-        egress.abort();
+        egress.inner_mut().abort();
         return "client_gone";
     }
     // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.

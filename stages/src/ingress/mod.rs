@@ -19,6 +19,7 @@ use pipeline::audio::PayloadData;
 use pipeline::metrics::{ErrorKind, StageMetrics};
 use pipeline::processor::{Downstream, on_send_error};
 use pipeline::protocol::{ClientMessage, ProtocolError, parse};
+use pipeline::rare::Rare;
 use pipeline::session::close_code;
 use pipeline::{AudioFormat, Encoding, Flow, Payload, SessionError, SessionShared};
 use tokio::time::{Instant, sleep_until};
@@ -115,7 +116,8 @@ impl Ingress {
         S: Stream<Item = Result<Message, WsError>> + Unpin,
         D: Downstream<Payload>,
     {
-        tokio::pin!(shutdown);
+        // Polled only when they fire, not at every frame (see `Rare`).
+        let mut shutdown = Rare::new(shutdown);
         let began = Instant::now();
         if let Some(message) = first
             && let Some(end) = self.handle(message, output).await
@@ -125,8 +127,7 @@ impl Ingress {
         // One timer for the whole session, re-armed only when it fires: per-message resets
         // would cost a timer-wheel update for every frame.
         let mut last_message = Instant::now();
-        let idle = sleep_until(last_message + self.idle_timeout);
-        tokio::pin!(idle);
+        let mut idle = Rare::new(sleep_until(last_message + self.idle_timeout));
         loop {
             let message = tokio::select! {
                 biased;
@@ -137,7 +138,7 @@ impl Ingress {
                 () = &mut idle => {
                     let deadline = last_message + self.idle_timeout;
                     if Instant::now() < deadline {
-                        idle.as_mut().reset(deadline);
+                        idle.inner_mut().reset(deadline);
                         continue;
                     }
                     return self.fail(SessionError {

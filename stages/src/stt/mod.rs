@@ -21,7 +21,7 @@ use pipeline::processor::{Downstream, on_send_error};
 use pipeline::session::close_code;
 use pipeline::{
     AudioBatch, AudioLength, EdgeError, EdgeSettings, EngineAudio, EngineInput, EngineResult, Flow,
-    SessionError, SessionShared, SttError,
+    SessionError, SessionShared, SttError, TrySendError,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -80,8 +80,17 @@ impl Stt {
             EngineInput::Audio(batch) => batch.audio_us(),
             EngineInput::Finalize => 0,
         };
-        if !self.audio.has_room() {
-            let reliable = matches!(input, EngineInput::Finalize);
+        let reliable = matches!(input, EngineInput::Finalize);
+        let mut input = match try_hand_over(&mut self.audio, input, &self.metrics) {
+            Ok(()) => {
+                self.counted();
+                return Ok(());
+            }
+            Err(TrySendError::Closed) => return Err(EdgeError::Closed),
+            Err(TrySendError::Full(input)) => input,
+        };
+        // The engine is busy: wait as an edge would, under the edge's timeout and policy.
+        loop {
             let audio = &mut self.audio;
             let ready = async { audio.ready().await.map_err(|_| EdgeError::Closed) };
             let room = wait_for_room(
@@ -101,25 +110,36 @@ impl Stt {
                     return Err(error);
                 }
             }
+            input = match try_hand_over(&mut self.audio, input, &self.metrics) {
+                Ok(()) => {
+                    self.counted();
+                    return Ok(());
+                }
+                Err(TrySendError::Closed) => return Err(EdgeError::Closed),
+                Err(TrySendError::Full(input)) => input,
+            };
         }
+    }
+
+    fn counted(&self) {
         self.from.sent(1);
         self.metrics.received(1);
-        hand_over(&mut self.audio, input, &self.metrics)
     }
 }
 
-/// Give `input` to the engine, timed as the stage's processing: for an engine that takes audio
-/// in the caller's task (Google), that is its buffering and request encoding.
-fn hand_over(
+/// Give `input` to the engine if it has room, timed as the stage's processing: for an engine
+/// that takes audio in the caller's task (Google), that is its buffering and request encoding.
+fn try_hand_over(
     audio: &mut EngineAudio,
     input: EngineInput,
     metrics: &StageMetrics,
-) -> Result<(), EdgeError> {
+) -> Result<(), TrySendError> {
     let started = Instant::now();
-    let handed = audio.start_send(input);
-    metrics.processing(started.elapsed());
-    // The engine ended its stream early; the relay reports why.
-    handed.map_err(|_| EdgeError::Closed)
+    let handed = audio.try_send(input);
+    if handed.is_ok() {
+        metrics.processing(started.elapsed());
+    }
+    handed
 }
 
 impl Downstream<AudioBatch> for Stt {
@@ -156,13 +176,17 @@ pub async fn run(
             Flow::Data(batch) => EngineInput::Audio(batch),
             Flow::Finalize => EngineInput::Finalize,
         };
-        let handed = match audio.ready().await {
-            Ok(()) => hand_over(&mut audio, item, &metrics),
-            Err(_) => Err(EdgeError::Closed),
-        };
-        if handed.is_err() {
-            input.close();
-            return;
+        let mut item = Some(item);
+        while let Some(next) = item.take() {
+            match try_hand_over(&mut audio, next, &metrics) {
+                Ok(()) => {}
+                Err(TrySendError::Full(back)) if audio.ready().await.is_ok() => item = Some(back),
+                // The engine ended its stream early; the relay reports why.
+                Err(_) => {
+                    input.close();
+                    return;
+                }
+            }
         }
     }
 }

@@ -39,9 +39,11 @@ pub struct Vad {
 struct Model {
     detector: Box<earshot::Detector>,
     shortcut: Shortcut,
-    /// The last windows not fed to the detector, oldest first. Boxed: the stage is moved
-    /// through several nested futures, each of which would otherwise hold its own copy.
+    /// The last windows not fed to the detector: a ring, `unfed_len` of them from
+    /// `unfed_start`. Boxed: the stage is moved through several nested futures, each of which
+    /// would otherwise hold its own copy.
     unfed: Box<[[i16; WINDOW]; RESYNC_WINDOWS]>,
+    unfed_start: usize,
     unfed_len: usize,
     /// Windows the detector has scored, replays included (for tests).
     #[cfg(test)]
@@ -54,6 +56,7 @@ impl Model {
             detector: earshot::Detector::default_boxed(),
             shortcut: Shortcut::new(settings.max_unscored_windows, settings.threshold),
             unfed: Box::new([[0; WINDOW]; RESYNC_WINDOWS]),
+            unfed_start: 0,
             unfed_len: 0,
             #[cfg(test)]
             runs: 0,
@@ -70,13 +73,18 @@ impl Model {
                 return plan == Plan::Speech;
             }
             Plan::Score => {
-                let unfed = *self.unfed;
-                for skipped in &unfed[..self.unfed_len] {
-                    self.predict(skipped);
+                for i in 0..self.unfed_len {
+                    let index = (self.unfed_start + i) % RESYNC_WINDOWS;
+                    #[cfg(test)]
+                    {
+                        self.runs += 1;
+                    }
+                    self.detector.predict_i16(&self.unfed[index]);
                 }
             }
             Plan::Check => {}
         }
+        self.unfed_start = 0;
         self.unfed_len = 0;
         let score = self.predict(window);
         self.shortcut.scored(energy, score);
@@ -91,13 +99,15 @@ impl Model {
         self.detector.predict_i16(window)
     }
 
+    /// Remember a window the detector did not see; the oldest goes when the ring is full.
     fn skip(&mut self, window: &[i16]) {
+        let index = (self.unfed_start + self.unfed_len) % RESYNC_WINDOWS;
+        self.unfed[index].copy_from_slice(window);
         if self.unfed_len == RESYNC_WINDOWS {
-            self.unfed.rotate_left(1);
-            self.unfed_len -= 1;
+            self.unfed_start = (self.unfed_start + 1) % RESYNC_WINDOWS;
+        } else {
+            self.unfed_len += 1;
         }
-        self.unfed[self.unfed_len].copy_from_slice(window);
-        self.unfed_len += 1;
     }
 }
 

@@ -27,7 +27,7 @@ use googleapis_tonic_google_cloud_speech_v1::google::cloud::speech::v1::{
 use pipeline::metrics::{self, Counter, Histogram};
 use pipeline::{
     AudioBatch, AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, StreamConfig,
-    SttError,
+    SttError, TrySendError,
 };
 use rand::Rng;
 use tokio::sync::{Notify, mpsc};
@@ -318,7 +318,8 @@ impl Core {
             return;
         };
         let len = (to - from) as usize;
-        let mut bytes = Vec::with_capacity(len * 2);
+        let mut bytes = vec![0u8; len * 2];
+        let mut written = 0;
         for buffered in self.buffer.range(index..) {
             let batch = &buffered.batch;
             if batch.start_sample >= to {
@@ -326,9 +327,12 @@ impl Core {
             }
             let start = (from.max(batch.start_sample) - batch.start_sample) as usize;
             let end = (to.min(batch.end_sample()) - batch.start_sample) as usize;
-            for sample in &batch.samples[start..end] {
-                bytes.extend_from_slice(&sample.to_le_bytes());
+            let out = &mut bytes[written..written + (end - start) * 2];
+            // Fixed-size pairs, not a push per sample: this loop compiles to vector stores.
+            for (pair, sample) in out.chunks_exact_mut(2).zip(&batch.samples[start..end]) {
+                pair.copy_from_slice(&sample.to_le_bytes());
             }
+            written += out.len();
         }
         permit.send(bytes);
         record_segment(&mut up.segments, up.samples_sent, from, len as u64);
@@ -492,11 +496,14 @@ impl AudioSink for Input {
         Poll::Pending
     }
 
-    fn start_send(&mut self, input: EngineInput) -> Result<(), EngineClosed> {
+    fn try_send(&mut self, input: EngineInput) -> Result<(), TrySendError> {
         let tell = {
             let mut core = self.link.lock();
             if core.task_ended {
-                return Err(EngineClosed);
+                return Err(TrySendError::Closed);
+            }
+            if core.buffered_samples >= core.cap_samples {
+                return Err(TrySendError::Full(input));
             }
             core.on_input(Some(input));
             core.send_ready();
@@ -1061,14 +1068,15 @@ fn next_chunk(
     sent_end: u64,
     limit: Option<u64>,
 ) -> Option<(usize, u64, u64)> {
-    // Usually everything but the newest batch was sent: look from the back.
-    let index = match buffer.back() {
-        Some(last) if last.batch.start_sample >= sent_end => {
-            buffer.partition_point(|b| b.batch.end_sample() <= sent_end)
-        }
-        Some(last) if last.batch.end_sample() <= sent_end => return None,
-        Some(_) => buffer.len() - 1,
-        None => return None,
+    // Usually all was sent, or all but the newest batch: look from the back.
+    let last = buffer.len().checked_sub(1)?;
+    if buffer[last].batch.end_sample() <= sent_end {
+        return None;
+    }
+    let index = if last == 0 || buffer[last - 1].batch.end_sample() <= sent_end {
+        last
+    } else {
+        buffer.partition_point(|b| b.batch.end_sample() <= sent_end)
     };
     let first = &buffer.get(index)?.batch;
     let from = first.start_sample.max(sent_end);
