@@ -10,7 +10,10 @@
 //! - In speech: after a confident score the frames are speech through the hangover whatever the
 //!   next windows score; only the end of speech needs the model. So up to `max_skip` windows are
 //!   speech unscored, until [`QUIET_RUN`] windows in a row fall to the background level (speech
-//!   ending, or pausing); then the model scores every window again and finds the end. The
+//!   ending, or pausing); then the model scores every window again and finds the end. After
+//!   `max_skip` windows one window is checked without replay ([`Plan::Check`]): still confident,
+//!   skipping goes on; if not (the end, or a splice the model did not like), every window is
+//!   scored from there, and the hangover covers the one window checked. The
 //!   skipped windows never reached its recurrent state, so that end can land a few frames off;
 //!   where speech ends in sound as loud as itself, it is found up to `max_skip` windows late.
 //! - Outside speech: once the score has settled (three windows in a row of similar energy and
@@ -21,7 +24,7 @@
 //!
 //! Before the model runs after skipped windows it is fed the last [`RESYNC_WINDOWS`] of them, so
 //! its analysis buffer holds contiguous audio; only its recurrent state has missed the rest.
-//! The periodic check of a steady background is the exception ([`Plan::Check`]).
+//! The periodic checks are the exception ([`Plan::Check`]).
 
 /// Samples per earshot window: 16 ms at 16 kHz.
 pub(super) const WINDOW: usize = 256;
@@ -44,9 +47,11 @@ const QUIET_RUN: u32 = 3;
 pub(super) enum Plan {
     /// Replay the skipped windows to the model, then score this one.
     Score,
-    /// Score this window without replaying: a periodic check of a settled background. The
-    /// background is steady, so the 48 ms the model analyses looks alike spliced or not, and a
-    /// check costs one window instead of three.
+    /// Score this window without replaying: the periodic check of a settled background or of
+    /// confident speech. A check costs one window instead of three; on a steady background the
+    /// 48 ms the model analyses looks alike spliced or not, and in speech a doubtful check only
+    /// returns to scoring every window (measured on the loadtest's clip: 10.5 → 6.9 model runs
+    /// per second, with the same decisions on the fixtures to within one frame).
     Check,
     /// Speech, without the model.
     Speech,
@@ -129,11 +134,7 @@ impl Shortcut {
             return Plan::Score;
         }
         if self.skipped >= self.max_skip {
-            return if self.mode == Mode::Background {
-                Plan::Check
-            } else {
-                Plan::Score
-            };
+            return Plan::Check;
         }
         self.skipped += 1;
         if self.mode == Mode::Speech {
