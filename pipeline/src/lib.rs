@@ -66,6 +66,12 @@ pub trait AudioLength {
     fn audio_us(&self) -> u64;
 }
 
+impl<T: AudioLength> AudioLength for Box<T> {
+    fn audio_us(&self) -> u64 {
+        (**self).audio_us()
+    }
+}
+
 impl<T: AudioLength> AudioLength for Flow<T> {
     fn audio_us(&self) -> u64 {
         match self {

@@ -78,7 +78,7 @@ where
     }
 
     /// Run until the transcripts end or the session fails.
-    pub async fn run(mut self, mut input: EdgeRx<EngineResult>) -> Outcome {
+    pub async fn run(mut self, mut input: EdgeRx<Box<EngineResult>>) -> Outcome {
         let metrics = input.metrics().clone();
         let ready = ServerMessage::Ready {
             session_id: &self.session_id,

@@ -81,7 +81,7 @@ impl Stt {
             EngineInput::Finalize => 0,
         };
         let reliable = matches!(input, EngineInput::Finalize);
-        let mut input = match try_hand_over(&mut self.audio, input, &self.metrics) {
+        let input = match try_hand_over(&mut self.audio, input, &self.metrics) {
             Ok(()) => {
                 self.counted();
                 return Ok(());
@@ -89,7 +89,18 @@ impl Stt {
             Err(TrySendError::Closed) => return Err(EdgeError::Closed),
             Err(TrySendError::Full(input)) => input,
         };
-        // The engine is busy: wait as an edge would, under the edge's timeout and policy.
+        // Boxed: waiting takes a timer and more, which every frame's future (and so every
+        // session's task) would otherwise carry for a path that is rare.
+        Box::pin(self.wait_to_hand_over(input, audio_us, reliable)).await
+    }
+
+    /// The engine is busy: wait as an edge would, under the edge's timeout and policy.
+    async fn wait_to_hand_over(
+        &mut self,
+        mut input: EngineInput,
+        audio_us: u64,
+        reliable: bool,
+    ) -> Result<(), EdgeError> {
         loop {
             let audio = &mut self.audio;
             let ready = async { audio.ready().await.map_err(|_| EdgeError::Closed) };
@@ -195,14 +206,16 @@ pub async fn run(
 /// then the session ends with the engine's error. `metrics` are the stt stage's.
 pub async fn relay(
     mut results: mpsc::Receiver<Result<EngineResult, SttError>>,
-    output: EdgeTx<EngineResult>,
+    output: EdgeTx<Box<EngineResult>>,
     metrics: StageMetrics,
     session: Arc<SessionShared>,
 ) {
     while let Some(result) = results.recv().await {
         match result {
             Ok(result) => {
-                if let Err(error) = output.send(result).await {
+                // Boxed on the queue to egress: its blocks hold 32 items each whether or not
+                // they are used, 32 pointers rather than 32 results per session.
+                if let Err(error) = output.send(Box::new(result)).await {
                     on_send_error(&error, &metrics, &session);
                     return;
                 }

@@ -662,7 +662,9 @@ impl Task {
             let (timer, backlog) = match self.housekeeping() {
                 Step::Done => return,
                 Step::Open => {
-                    if self.open().await.is_err() {
+                    // Boxed: opening a stream (a tonic call) takes kilobytes of future that
+                    // only this moment needs; held inline, every session's task would carry it.
+                    if Box::pin(self.open()).await.is_err() {
                         return;
                     }
                     continue;
