@@ -122,6 +122,22 @@ pub trait Downstream<T>: Send {
         true
     }
 
+    /// Send `item` if it would go through without waiting; otherwise hand it back. What
+    /// [`Downstream::has_room`] then [`Downstream::send_data`] do, in one step where the
+    /// downstream can check and take at once (the STT stage: one engine lock per frame, not two).
+    fn offer(&mut self, item: T) -> impl Future<Output = Result<Option<T>, EdgeError>> + Send
+    where
+        T: Send,
+    {
+        async move {
+            if self.has_room() {
+                self.send_data(item).await.map(|()| None)
+            } else {
+                Ok(Some(item))
+            }
+        }
+    }
+
     /// Resolves once an item sent now would go through without waiting. Cancel-safe.
     fn ready(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
         std::future::ready(Ok(()))
@@ -179,6 +195,10 @@ impl<T: Send, D: Downstream<T>> Downstream<T> for Box<D> {
         (**self).has_room()
     }
 
+    fn offer(&mut self, item: T) -> impl Future<Output = Result<Option<T>, EdgeError>> + Send {
+        (**self).offer(item)
+    }
+
     fn ready(&mut self) -> impl Future<Output = Result<(), EdgeError>> + Send {
         (**self).ready()
     }
@@ -229,6 +249,13 @@ where
         match self {
             Route::Inline(next) => next.has_room(),
             Route::Queued(next) => next.has_room(),
+        }
+    }
+
+    async fn offer(&mut self, item: T) -> Result<Option<T>, EdgeError> {
+        match self {
+            Route::Inline(next) => next.offer(item).await,
+            Route::Queued(next) => next.offer(item).await,
         }
     }
 

@@ -133,8 +133,16 @@ impl<D: Downstream<AudioBatch>> Downstream<AudioFrame> for Batch<D> {
             self.send(batch).await?;
         }
         // The STT stage has room: send what is held now rather than wait for more.
-        if self.builder.has_pending() && self.output.has_room() {
-            self.send_held().await?;
+        if self.builder.has_pending() {
+            let batch = self.builder.take();
+            let refused = self
+                .output
+                .offer(batch)
+                .await
+                .inspect_err(|e| on_send_error(e, &self.metrics, &self.session))?;
+            if let Some(batch) = refused {
+                self.builder.hold(batch);
+            }
         }
         Ok(())
     }
@@ -189,6 +197,12 @@ impl Builder {
 
     pub fn take(&mut self) -> AudioBatch {
         self.pending.take().expect("checked by has_pending")
+    }
+
+    /// Hold again a batch just taken (the stage after had no room for it after all).
+    pub fn hold(&mut self, batch: AudioBatch) {
+        debug_assert!(self.pending.is_none());
+        self.pending = Some(batch);
     }
 
     /// Add a frame; the batches that became full (or were cut by a gap in the audio) go to

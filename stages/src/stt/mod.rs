@@ -169,6 +169,19 @@ impl Downstream<AudioBatch> for Stt {
         self.audio.has_room()
     }
 
+    async fn offer(&mut self, batch: AudioBatch) -> Result<Option<AudioBatch>, EdgeError> {
+        match try_hand_over(&mut self.audio, EngineInput::Audio(batch), &self.metrics) {
+            Ok(()) => {
+                self.counted();
+                Ok(None)
+            }
+            Err(TrySendError::Full(EngineInput::Audio(batch))) => Ok(Some(batch)),
+            Err(TrySendError::Full(EngineInput::Finalize) | TrySendError::Closed) => {
+                Err(EdgeError::Closed)
+            }
+        }
+    }
+
     async fn ready(&mut self) -> Result<(), EdgeError> {
         self.audio.ready().await.map_err(|_| EdgeError::Closed)
     }
