@@ -18,11 +18,12 @@ use std::time::Duration;
 use emulator::tones::{self, Event, Recognizer};
 use emulator::{Emulator, EmulatorConfig, EmulatorStats};
 use pipeline::{
-    AudioBatch, EngineAudio, EngineInput, EngineResult, StreamConfig, SttEngine, SttError,
+    AudioBatch, EngineAudio, EngineInput, EngineResult, EngineResults, StreamConfig, SttEngine,
+    SttError,
 };
 use stages::stt::google::{CustomServiceAccount, GoogleAuth, GoogleConfig, GoogleEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 
 const RATE: u32 = 16_000;
@@ -167,9 +168,7 @@ async fn feed_run(
     true
 }
 
-async fn collect(
-    mut results: mpsc::Receiver<Result<EngineResult, SttError>>,
-) -> Vec<Result<EngineResult, SttError>> {
+async fn collect(mut results: EngineResults) -> Vec<Result<EngineResult, SttError>> {
     let mut all = Vec::new();
     while let Some(result) = results.recv().await {
         all.push(result);

@@ -31,8 +31,8 @@ pub mod testing;
 pub use audio::{AudioBatch, AudioFormat, AudioFrame, Encoding, Payload};
 pub use edge::{EdgeError, EdgeRx, EdgeSettings, EdgeTx, OverflowPolicy, edge};
 pub use engine::{
-    AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, LatencyClock, StreamConfig,
-    SttEngine, SttError, SttStream, TrySendError,
+    AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, EngineResults, LatencyClock,
+    ResultSender, StreamConfig, SttEngine, SttError, SttStream, TrySendError,
 };
 pub use processor::{Processor, run_processor};
 pub use session::{SessionError, SessionShared};

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::{
-    EngineAudio, EngineInput, EngineResult, LatencyClock, StreamConfig, SttEngine, SttError,
-    SttStream,
+    EngineAudio, EngineInput, EngineResult, EngineResults, LatencyClock, ResultSender,
+    StreamConfig, SttEngine, SttError, SttStream,
 };
 
 #[derive(Clone)]
@@ -78,7 +78,7 @@ impl SttEngine for CountingEngine {
 
     fn open(&self, config: StreamConfig) -> Result<SttStream, SttError> {
         let (audio, audio_rx) = EngineAudio::channel(1);
-        let (results_tx, results_rx) = mpsc::channel(4);
+        let (results_tx, results_rx) = EngineResults::channel(4);
         tokio::spawn(run(self.clone(), config, audio_rx, results_tx));
         Ok(SttStream {
             audio,
@@ -91,7 +91,7 @@ async fn run(
     engine: CountingEngine,
     config: StreamConfig,
     mut audio: mpsc::Receiver<EngineInput>,
-    results: mpsc::Sender<Result<EngineResult, SttError>>,
+    results: ResultSender,
 ) {
     let mut stalled = engine.stalled.clone();
     let (mut count, mut sum, mut start, mut end) = (0u64, 0u64, None::<u64>, 0u64);
@@ -154,7 +154,7 @@ async fn run(
 }
 
 async fn emit_final(
-    results: &mpsc::Sender<Result<EngineResult, SttError>>,
+    results: &ResultSender,
     clock: &mut LatencyClock,
     count: &mut u64,
     sum: &mut u64,

@@ -20,10 +20,9 @@ use pipeline::metrics::{ErrorKind, StageMetrics};
 use pipeline::processor::{Downstream, on_send_error};
 use pipeline::session::close_code;
 use pipeline::{
-    AudioBatch, AudioLength, EdgeError, EdgeSettings, EngineAudio, EngineInput, EngineResult, Flow,
-    SessionError, SessionShared, SttError, TrySendError,
+    AudioBatch, AudioLength, EdgeError, EdgeSettings, EngineAudio, EngineInput, EngineResult,
+    EngineResults, Flow, SessionError, SessionShared, SttError, TrySendError,
 };
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// How an engine error looks to the client.
@@ -218,7 +217,7 @@ pub async fn run(
 /// Relay the engine's results to egress until the engine has sent its last one, or fails:
 /// then the session ends with the engine's error. `metrics` are the stt stage's.
 pub async fn relay(
-    mut results: mpsc::Receiver<Result<EngineResult, SttError>>,
+    mut results: EngineResults,
     output: EdgeTx<Box<EngineResult>>,
     metrics: StageMetrics,
     session: Arc<SessionShared>,

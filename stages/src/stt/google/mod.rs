@@ -36,7 +36,7 @@ use googleapis_tonic_google_cloud_speech_v1::google::cloud::speech::v1::{
     streaming_recognize_request::StreamingRequest,
 };
 use pipeline::metrics::{self, Gauge, Histogram};
-use pipeline::{StreamConfig, SttEngine, SttError, SttStream};
+use pipeline::{EngineResults, StreamConfig, SttEngine, SttError, SttStream};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -271,7 +271,7 @@ impl SttEngine for GoogleEngine {
             )));
         }
         let slot = SessionSlot(Arc::clone(&shared));
-        let (results_tx, results_rx) = mpsc::channel(RESULT_QUEUE);
+        let (results_tx, results_rx) = EngineResults::channel(RESULT_QUEUE);
         let audio = session::open(shared, slot, &config, results_tx);
         Ok(SttStream {
             audio,

@@ -26,8 +26,8 @@ use googleapis_tonic_google_cloud_speech_v1::google::cloud::speech::v1::{
 };
 use pipeline::metrics::{self, Counter, Histogram};
 use pipeline::{
-    AudioBatch, AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, StreamConfig,
-    SttError, TrySendError,
+    AudioBatch, AudioSink, EngineAudio, EngineClosed, EngineInput, EngineResult, ResultSender,
+    StreamConfig, SttError, TrySendError,
 };
 use rand::Rng;
 use tokio::sync::{Notify, mpsc};
@@ -41,7 +41,7 @@ use super::{
 /// Google's limit on the audio in one request: 25,600 bytes of LINEAR16.
 pub(crate) const MAX_CHUNK_SAMPLES: u64 = 12_800;
 
-type Results = mpsc::Sender<Result<EngineResult, SttError>>;
+type Results = ResultSender;
 
 /// Start a session: spawns its task; returns its input.
 pub(super) fn open(

@@ -26,8 +26,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use pipeline::engine::LatencyClock;
 use pipeline::metrics::{Counter, Gauge, Histogram, whisper as m};
 use pipeline::{
-    AudioBatch, EngineAudio, EngineInput, EngineResult, StreamConfig, SttEngine, SttError,
-    SttStream,
+    AudioBatch, EngineAudio, EngineInput, EngineResult, EngineResults, ResultSender, StreamConfig,
+    SttEngine, SttError, SttStream,
 };
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
@@ -395,7 +395,7 @@ impl SttEngine for WhisperEngine {
             })?;
         let seat = Seat::new(permit, m::streams());
         let (audio, audio_rx) = EngineAudio::channel(2);
-        let (results_tx, results_rx) = mpsc::channel(4);
+        let (results_tx, results_rx) = EngineResults::channel(4);
         let session = Session::new(Arc::clone(&self.inner), config.interim_results);
         tokio::spawn(session.run(audio_rx, results_tx, seat));
         Ok(SttStream {
@@ -748,7 +748,7 @@ impl Session {
     async fn run(
         mut self,
         mut audio: mpsc::Receiver<EngineInput>,
-        results: mpsc::Sender<Result<EngineResult, SttError>>,
+        results: ResultSender,
         _seat: Seat,
     ) {
         let inner = Arc::clone(&self.inner);
