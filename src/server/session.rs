@@ -236,7 +236,7 @@ where
     let to_resample = graph.stage(resample, edges.resample, m_decode, m_resample, to_vad);
     let to_decode = graph.stage(decode, edges.decode, m_ingress, m_decode, to_resample);
 
-    let (sink, source) = socket.split();
+    let (sink, mut source) = socket.split();
     let egress = Egress::new(
         sink,
         session_id,
@@ -264,8 +264,12 @@ where
     };
     // Boxed: the inline stages are kilobytes, and the futures that carry them nest.
     let ended = tokio::select! {
-        end = ingress.run(source, replay, Box::new(to_decode), stop) => end,
-        outcome = &mut egress => return reason(outcome.unwrap_or(Outcome::ClientGone), &session),
+        end = ingress.run(&mut source, replay, Box::new(to_decode), stop) => end,
+        outcome = &mut egress => {
+            let outcome = outcome.unwrap_or(Outcome::ClientGone);
+            await_close(&mut source, outcome).await;
+            return reason(outcome, &session);
+        }
     };
     if ended == IngressEnd::ClientGone {
         egress.inner_mut().abort();
@@ -273,7 +277,26 @@ where
     }
     // Stop, shutdown or failure: the graph drains behind ingress; egress says the last word.
     let outcome = egress.await.unwrap_or(Outcome::ClientGone);
+    await_close(&mut source, outcome).await;
     reason(outcome, &session)
+}
+
+/// How long the closing handshake may take once voxflow has sent its close frame.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// After egress sent the close frame: read (and discard) until the client's close arrives or
+/// the socket ends. Dropped with audio still unread in it, the socket is reset rather than
+/// closed, and the client sees 1006 instead of the code it was sent (audio a client sends after
+/// `stop`, before it reads the close, is what would be left unread).
+async fn await_close<S>(source: &mut S, outcome: Outcome)
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    if outcome == Outcome::ClientGone {
+        return;
+    }
+    let drain = async { while let Some(Ok(_)) = source.next().await {} };
+    let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
 }
 
 /// Where the graph's tasks are spawned, for one session.
