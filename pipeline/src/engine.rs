@@ -198,7 +198,10 @@ pub struct SttStream {
 ///
 /// Boxed on the queue: its blocks hold 32 items each whether or not they are used, so a
 /// session keeps 32 pointers there rather than 32 results (~1.5 KiB less per block).
-pub struct EngineResults(mpsc::Receiver<Box<Result<EngineResult, SttError>>>);
+pub struct EngineResults(mpsc::Receiver<Queued>);
+
+/// A result as queued: pointers either way.
+type Queued = Result<Box<EngineResult>, Box<SttError>>;
 
 impl EngineResults {
     /// A queue of `capacity` results.
@@ -208,13 +211,18 @@ impl EngineResults {
     }
 
     pub async fn recv(&mut self) -> Option<Result<EngineResult, SttError>> {
-        self.0.recv().await.map(|result| *result)
+        self.recv_boxed().await.map(|result| result.map(|r| *r))
+    }
+
+    /// [`EngineResults::recv`], the result still in the box it was queued in (for passing on).
+    pub async fn recv_boxed(&mut self) -> Option<Result<Box<EngineResult>, SttError>> {
+        self.0.recv().await.map(|result| result.map_err(|e| *e))
     }
 }
 
 /// Where an engine sends a stream's results.
 #[derive(Clone)]
-pub struct ResultSender(mpsc::Sender<Box<Result<EngineResult, SttError>>>);
+pub struct ResultSender(mpsc::Sender<Queued>);
 
 impl ResultSender {
     /// Wait for room, then queue `result`.
@@ -223,7 +231,7 @@ impl ResultSender {
     /// [`EngineClosed`] when the session no longer reads results.
     pub async fn send(&self, result: Result<EngineResult, SttError>) -> Result<(), EngineClosed> {
         self.0
-            .send(Box::new(result))
+            .send(result.map(Box::new).map_err(Box::new))
             .await
             .map_err(|_| EngineClosed)
     }

@@ -80,13 +80,8 @@ impl Stt {
             EngineInput::Finalize => 0,
         };
         let reliable = matches!(input, EngineInput::Finalize);
-        let input = match try_hand_over(&mut self.audio, input, &self.metrics) {
-            Ok(()) => {
-                self.counted();
-                return Ok(());
-            }
-            Err(TrySendError::Closed) => return Err(EdgeError::Closed),
-            Err(TrySendError::Full(input)) => input,
+        let Some(input) = self.try_take(input)? else {
+            return Ok(());
         };
         // Boxed: waiting takes a timer and more, which every frame's future (and so every
         // session's task) would otherwise carry for a path that is rare.
@@ -120,14 +115,23 @@ impl Stt {
                     return Err(error);
                 }
             }
-            input = match try_hand_over(&mut self.audio, input, &self.metrics) {
-                Ok(()) => {
-                    self.counted();
-                    return Ok(());
-                }
-                Err(TrySendError::Closed) => return Err(EdgeError::Closed),
-                Err(TrySendError::Full(input)) => input,
-            };
+            match self.try_take(input)? {
+                Some(back) => input = back,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Give `input` to the engine if it has room now (counted as sent); `Some` hands it back
+    /// when the engine is busy.
+    fn try_take(&mut self, input: EngineInput) -> Result<Option<EngineInput>, EdgeError> {
+        match try_hand_over(&mut self.audio, input, &self.metrics) {
+            Ok(()) => {
+                self.counted();
+                Ok(None)
+            }
+            Err(TrySendError::Full(input)) => Ok(Some(input)),
+            Err(TrySendError::Closed) => Err(EdgeError::Closed),
         }
     }
 
@@ -169,15 +173,11 @@ impl Downstream<AudioBatch> for Stt {
     }
 
     async fn offer(&mut self, batch: AudioBatch) -> Result<Option<AudioBatch>, EdgeError> {
-        match try_hand_over(&mut self.audio, EngineInput::Audio(batch), &self.metrics) {
-            Ok(()) => {
-                self.counted();
-                Ok(None)
-            }
-            Err(TrySendError::Full(EngineInput::Audio(batch))) => Ok(Some(batch)),
-            Err(TrySendError::Full(EngineInput::Finalize) | TrySendError::Closed) => {
-                Err(EdgeError::Closed)
-            }
+        match self.try_take(EngineInput::Audio(batch))? {
+            None => Ok(None),
+            Some(EngineInput::Audio(batch)) => Ok(Some(batch)),
+            // An engine hands back what it was given; anything else is a broken engine.
+            Some(EngineInput::Finalize) => Err(EdgeError::Closed),
         }
     }
 
@@ -222,12 +222,11 @@ pub async fn relay(
     metrics: StageMetrics,
     session: Arc<SessionShared>,
 ) {
-    while let Some(result) = results.recv().await {
+    // Boxed as the engine queued it: the queue to egress holds pointers too.
+    while let Some(result) = results.recv_boxed().await {
         match result {
             Ok(result) => {
-                // Boxed on the queue to egress: its blocks hold 32 items each whether or not
-                // they are used, 32 pointers rather than 32 results per session.
-                if let Err(error) = output.send(Box::new(result)).await {
+                if let Err(error) = output.send(result).await {
                     on_send_error(&error, &metrics, &session);
                     return;
                 }

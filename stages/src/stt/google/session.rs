@@ -41,14 +41,12 @@ use super::{
 /// Google's limit on the audio in one request: 25,600 bytes of LINEAR16.
 pub(crate) const MAX_CHUNK_SAMPLES: u64 = 12_800;
 
-type Results = ResultSender;
-
 /// Start a session: spawns its task; returns its input.
 pub(super) fn open(
     shared: Arc<Shared>,
     slot: SessionSlot,
     config: &StreamConfig,
-    results: Results,
+    results: ResultSender,
 ) -> EngineAudio {
     let rate = config.sample_rate_hz.max(1);
     let link = Arc::new(Link {
@@ -563,7 +561,7 @@ struct Metrics {
 struct Task {
     link: Arc<Link>,
     first_request: StreamingRecognizeRequest,
-    results: Results,
+    results: ResultSender,
     /// The response side of `Core::upstream` (see [`Upstream`]).
     responses: Option<Responses>,
     attempts: u32,
@@ -577,7 +575,7 @@ struct Task {
 }
 
 impl Task {
-    fn new(link: Arc<Link>, config: &StreamConfig, results: Results) -> Task {
+    fn new(link: Arc<Link>, config: &StreamConfig, results: ResultSender) -> Task {
         let settings = link.settings();
         let model = config
             .model
