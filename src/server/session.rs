@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use pipeline::edge::edge;
 use pipeline::metrics::{StageMetrics, sessions};
@@ -17,8 +18,8 @@ use pipeline::protocol::{
 use pipeline::rare::Rare;
 use pipeline::session::close_code;
 use pipeline::{
-    AudioFormat, EdgeSettings, EdgeTx, Flow, SessionError, SessionShared, StreamConfig, SttStream,
-    stage,
+    AudioFormat, EdgeRx, EdgeSettings, EdgeTx, EngineResult, Flow, Payload, SessionError,
+    SessionShared, StreamConfig, SttStream, stage,
 };
 use stages::batch::Batch;
 use stages::decode::Decode;
@@ -42,42 +43,86 @@ struct Plan {
     stream: StreamConfig,
 }
 
-pub(super) async fn run<S>(
+/// One session's future. Not an `async fn`: the socket is split first, so the future holds
+/// the two halves (a few bytes) rather than the whole stream.
+pub(super) fn run<S>(
     socket: WebSocketStream<S>,
     query: StartFields,
     peer: SocketAddr,
     shared: Arc<Shared>,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let session_id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("session", id = %session_id, %peer);
+    let (sink, source) = socket.split();
+    let query = Box::new(query);
     async move {
         sessions::opened();
-        let reason = serve(socket, session_id, query, &shared).await;
+        let reason = serve(sink, source, session_id, query, &shared).await;
         tracing::info!(reason, "Session ended.");
         sessions::closed(reason);
     }
     .instrument(span)
-    .await;
 }
 
+/// The socket's halves.
+type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+type Source<S> = SplitStream<WebSocketStream<S>>;
+
+/// Split in three so that the session's future stays small: it lives for the whole session,
+/// one per connection, and an `async fn` keeps every local that is in scope at an `.await`
+/// (moved out or not). The graph is built in plain functions, whose locals live on the stack.
 async fn serve<S>(
-    mut socket: WebSocketStream<S>,
+    mut sink: Sink<S>,
+    mut source: Source<S>,
     session_id: String,
-    query: StartFields,
+    query: Box<StartFields>,
     shared: &Shared,
 ) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match open(&mut sink, &mut source, &session_id, query, shared).await {
+        Ok(opened) => drive(sink, source, session_id, opened, shared).await,
+        Err(reason) => reason,
+    }
+}
+
+/// A session whose format is agreed and whose graph is built and running behind ingress.
+struct Opened<D> {
+    /// The head of the stage chain that runs in the socket's task (boxed: the inline stages
+    /// are kilobytes, and the futures that carry them nest).
+    chain: Box<D>,
+    /// The first message, when it was audio.
+    replay: Option<Message>,
+    format: AudioFormat,
+    effective: EffectiveConfig,
+    session: Arc<SessionShared>,
+    ingress_metrics: StageMetrics,
+    egress_in: EdgeRx<Box<EngineResult>>,
+}
+
+/// Read the first message, agree the format and build the graph; or refuse the session
+/// (the error is `Session ended`'s reason).
+async fn open<S>(
+    sink: &mut Sink<S>,
+    source: &mut Source<S>,
+    session_id: &str,
+    query: Box<StartFields>,
+    shared: &Shared,
+) -> Result<Box<Opened<impl Downstream<Payload> + 'static>>, &'static str>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let settings = &shared.settings;
     // The first message, bounded like any other wait for the client.
     let first = tokio::select! {
-        first = tokio::time::timeout(settings.idle_timeout, socket.next()) => first,
+        first = tokio::time::timeout(settings.idle_timeout, source.next()) => first,
         () = shared.draining.cancelled() => {
-            refuse(&mut socket, shared, &shutting_down()).await;
-            return "shutdown";
+            refuse(sink, shared, &shutting_down()).await;
+            return Err("shutdown");
         }
     };
     let first = match first {
@@ -89,20 +134,42 @@ where
                 message: error.to_string(),
                 close_code: close_code::MESSAGE_TOO_BIG,
             };
-            refuse(&mut socket, shared, &error).await;
-            return "error";
+            refuse(sink, shared, &error).await;
+            return Err("error");
         }
-        Ok(Some(Err(_)) | None) => return "client_gone",
+        Ok(Some(Err(_)) | None) => return Err("client_gone"),
         Err(_) => {
             let error = SessionError {
                 code: "idle_timeout",
                 message: "no message after connecting".into(),
                 close_code: close_code::POLICY_VIOLATION,
             };
-            refuse(&mut socket, shared, &error).await;
-            return "error";
+            refuse(sink, shared, &error).await;
+            return Err("error");
         }
     };
+    if let Message::Close(_) = first {
+        return Err("client_gone");
+    }
+    match build(session_id, *query, first, shared) {
+        Ok(opened) => Ok(opened),
+        Err((error, reason)) => {
+            refuse(sink, shared, &error).await;
+            Err(reason)
+        }
+    }
+}
+
+/// From the first message on: the plan, each stage (each checks its input format as it is
+/// built, before any audio flows), the engine's stream, and the graph's tasks.
+fn build(
+    session_id: &str,
+    query: StartFields,
+    first: Message,
+    shared: &Shared,
+) -> Result<Box<Opened<impl Downstream<Payload> + 'static>>, (SessionError, &'static str)> {
+    let settings = &shared.settings;
+    let error = |error: SessionError| (error, "error");
     let mut first_audio_id = None;
     let (fields, replay) = match &first {
         Message::Text(text) => match protocol::parse(text) {
@@ -117,56 +184,27 @@ where
                 }
                 (None, Some(first))
             }
-            Err(error) => {
-                refuse(&mut socket, shared, &error.to_session_error()).await;
-                return "error";
-            }
+            Err(e) => return Err(error(e.to_session_error())),
         },
         Message::Binary(_) => (None, Some(first)),
-        Message::Close(_) => return "client_gone",
         _ => (None, None),
     };
     if fields.is_none() && settings.session.require_start && replay.is_some() {
-        let error = ProtocolError::Violation(
+        let violation = ProtocolError::Violation(
             "send a start message before audio (this server requires one)".into(),
         );
-        refuse(&mut socket, shared, &error.to_session_error()).await;
-        return "error";
+        return Err(error(violation.to_session_error()));
     }
     let mut fields = fields.unwrap_or_default();
     fields.audio_id = fields.audio_id.or(first_audio_id);
-    let plan = match plan(&session_id, query, fields, shared) {
-        Ok(plan) => plan,
-        Err(error) => {
-            refuse(&mut socket, shared, &error).await;
-            return "error";
-        }
-    };
-    // Each stage checks its input format as it is built, before any audio flows.
-    let rate = settings.stt.sample_rate_hz;
-    let built = Decode::new(plan.format)
-        .map_err(|e| StageError::to_session_error(&e))
-        .and_then(|decode| {
-            Resample::new(plan.format.sample_rate_hz, rate)
-                .map(|resample| (decode, resample))
-                .map_err(|e| StageError::to_session_error(&e))
-        });
-    let (decode, resample) = match built {
-        Ok(stages) => stages,
-        Err(error) => {
-            refuse(&mut socket, shared, &error).await;
-            return "error";
-        }
-    };
-
-    let stream = match shared.engine.open(plan.stream.clone()) {
-        Ok(stream) => stream,
-        Err(error) => {
-            sessions::refused("engine");
-            refuse(&mut socket, shared, &stages::stt::session_error(&error)).await;
-            return "refused";
-        }
-    };
+    let plan = plan(session_id, query, fields, shared).map_err(error)?;
+    let decode = Decode::new(plan.format).map_err(|e| error(e.to_session_error()))?;
+    let resample = Resample::new(plan.format.sample_rate_hz, settings.stt.sample_rate_hz)
+        .map_err(|e| error(e.to_session_error()))?;
+    let stream = shared.engine.open(plan.stream.clone()).map_err(|e| {
+        sessions::refused("engine");
+        (stages::stt::session_error(&e), "refused")
+    })?;
 
     // Build the graph: ingress → decode → resample → vad → batch → stt → egress, from the end.
     // Each edge with a capacity is a queue in front of a task of its own; an edge of capacity 0
@@ -234,24 +272,56 @@ where
     let vad = Vad::new(settings.vad, shared.engine.vad_gate());
     let to_vad = graph.stage(vad, edges.vad, m_resample, m_vad, to_batch);
     let to_resample = graph.stage(resample, edges.resample, m_decode, m_resample, to_vad);
-    let to_decode = graph.stage(decode, edges.decode, m_ingress, m_decode, to_resample);
+    let chain = Box::new(graph.stage(decode, edges.decode, m_ingress, m_decode, to_resample));
+    Ok(Box::new(Opened {
+        chain,
+        replay,
+        format: plan.format,
+        effective: plan.effective,
+        ingress_metrics: m_ingress.clone(),
+        session,
+        egress_in,
+    }))
+}
 
-    let (sink, mut source) = socket.split();
+/// Run the built graph: ingress in this task, egress in its own, until the session ends.
+async fn drive<S, D>(
+    sink: Sink<S>,
+    mut source: Source<S>,
+    session_id: String,
+    opened: Box<Opened<D>>,
+    shared: &Shared,
+) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Downstream<Payload> + 'static,
+{
+    let settings = &shared.settings;
+    let Opened {
+        chain,
+        replay,
+        format,
+        effective,
+        session,
+        ingress_metrics,
+        egress_in,
+    } = *opened;
     let egress = Egress::new(
         sink,
         session_id,
-        plan.effective,
+        effective,
         settings.write_timeout,
         Arc::clone(&session),
     )
     .with_retry_after(settings.limits.retry_after);
     // Polled only when it ends, not at every frame ingress handles (see `Rare`).
-    let mut egress = Rare::new(tokio::spawn(egress.run(egress_in).instrument(span.clone())));
+    let span = tracing::Span::current();
+    let mut egress = Rare::new(tokio::spawn(egress.run(egress_in).instrument(span)));
     let ingress = Ingress::new(
-        plan.format,
+        format,
         settings.idle_timeout,
         Arc::clone(&session),
-        m_ingress.clone(),
+        ingress_metrics,
     )
     .with_max_burst(settings.max_burst);
     // Shutdown or the session's time limit: either way ingress stops and the graph drains.
@@ -262,9 +332,8 @@ where
             () = tokio::time::sleep(limit) => session.set_time_limit_reached(),
         }
     };
-    // Boxed: the inline stages are kilobytes, and the futures that carry them nest.
     let ended = tokio::select! {
-        end = ingress.run(&mut source, replay, Box::new(to_decode), stop) => end,
+        end = ingress.run(&mut source, replay, chain, stop) => end,
         outcome = &mut egress => {
             let outcome = outcome.unwrap_or(Outcome::ClientGone);
             await_close(&mut source, outcome).await;
@@ -280,7 +349,6 @@ where
     await_close(&mut source, outcome).await;
     reason(outcome, &session)
 }
-
 /// How long the closing handshake may take once voxflow has sent its close frame.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -460,7 +528,7 @@ fn shutting_down() -> SessionError {
 }
 
 /// Tell the client why the session cannot start, and close.
-async fn refuse<S>(socket: &mut WebSocketStream<S>, shared: &Shared, error: &SessionError)
+async fn refuse<S>(sink: &mut Sink<S>, shared: &Shared, error: &SessionError)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -477,6 +545,6 @@ where
         code: error.close_code.into(),
         reason: error.code.into(),
     };
-    let _ = socket.send(Message::text(message)).await;
-    let _ = socket.send(Message::Close(Some(frame))).await;
+    let _ = sink.send(Message::text(message)).await;
+    let _ = sink.send(Message::Close(Some(frame))).await;
 }
