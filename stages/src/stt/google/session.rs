@@ -80,10 +80,25 @@ impl Link {
     }
 }
 
-/// Audio not yet covered by a final, with when it reached the engine.
+/// Audio not yet covered by a final, with when it reached the engine. A session holds one
+/// per batch (per 20 ms frame when idle) since its last final: 40 bytes, not the 56 of the
+/// batch and its `Instant`.
 struct Buffered {
-    batch: AudioBatch,
-    arrived: Instant,
+    samples: Vec<i16>,
+    start_sample: u64,
+    /// When it reached the engine, in [`ARRIVAL_TICK`]s after [`Core::epoch`].
+    arrived: u32,
+    speech: bool,
+}
+
+/// The resolution of [`Buffered::arrived`]: fine enough for a latency histogram, and a `u32`
+/// of them spans about five days.
+const ARRIVAL_TICK: Duration = Duration::from_micros(100);
+
+impl Buffered {
+    fn end_sample(&self) -> u64 {
+        self.start_sample + self.samples.len() as u64
+    }
 }
 
 /// `len` samples of a stream's audio, from `stream_start` on the stream's clock, were the
@@ -157,6 +172,8 @@ impl Upstream {
 /// The session's state, behind [`Link::core`].
 struct Core {
     rate: u32,
+    /// What [`Buffered::arrived`] counts from.
+    epoch: Instant,
     buffer: VecDeque<Buffered>,
     buffered_samples: u64,
     speech_batches: usize,
@@ -193,6 +210,7 @@ impl Core {
         let cap_secs = settings.rotate_after.as_secs() + 60;
         Core {
             rate,
+            epoch: Instant::now(),
             buffer: VecDeque::new(),
             buffered_samples: 0,
             speech_batches: 0,
@@ -270,9 +288,12 @@ impl Core {
         self.received_end = batch.end_sample();
         self.buffered_samples += batch.samples.len() as u64;
         self.speech_batches += usize::from(batch.speech);
+        let arrived = now.duration_since(self.epoch).as_micros() / ARRIVAL_TICK.as_micros();
         self.buffer.push_back(Buffered {
-            batch,
-            arrived: now,
+            samples: batch.samples,
+            start_sample: batch.start_sample,
+            arrived: u32::try_from(arrived).unwrap_or(u32::MAX),
+            speech: batch.speech,
         });
     }
 
@@ -318,8 +339,7 @@ impl Core {
         let len = (to - from) as usize;
         let mut bytes = vec![0u8; len * 2];
         let mut written = 0;
-        for buffered in self.buffer.range(index..) {
-            let batch = &buffered.batch;
+        for batch in self.buffer.range(index..) {
             if batch.start_sample >= to {
                 break;
             }
@@ -393,8 +413,8 @@ impl Core {
         self.buffer
             .iter()
             .map(|b| {
-                let end = b.batch.end_sample().min(self.max_sent_end);
-                end.saturating_sub(b.batch.start_sample)
+                let end = b.end_sample().min(self.max_sent_end);
+                end.saturating_sub(b.start_sample)
             })
             .sum()
     }
@@ -402,7 +422,7 @@ impl Core {
     fn uncovered_start(&self) -> u64 {
         self.buffer
             .front()
-            .map_or(self.received_end, |b| b.batch.start_sample)
+            .map_or(self.received_end, |b| b.start_sample)
             .max(self.last_final_end)
     }
 
@@ -423,9 +443,10 @@ impl Core {
         if let Some(b) = self
             .buffer
             .iter()
-            .find(|b| b.batch.start_sample <= last && last < b.batch.end_sample())
+            .find(|b| b.start_sample <= last && last < b.end_sample())
         {
-            latency.record(b.arrived.elapsed().as_secs_f64());
+            let arrived = self.epoch + ARRIVAL_TICK * b.arrived;
+            latency.record(arrived.elapsed().as_secs_f64());
         }
         self.trim_to(end);
         self.last_final_end = end;
@@ -456,19 +477,26 @@ impl Core {
     /// Drop buffered audio before `position`.
     fn trim_to(&mut self, position: u64) {
         while let Some(front) = self.buffer.front_mut() {
-            if front.batch.end_sample() <= position {
-                self.buffered_samples -= front.batch.samples.len() as u64;
-                self.speech_batches -= usize::from(front.batch.speech);
+            if front.end_sample() <= position {
+                self.buffered_samples -= front.samples.len() as u64;
+                self.speech_batches -= usize::from(front.speech);
                 self.buffer.pop_front();
             } else {
-                if front.batch.start_sample < position {
-                    let cut = (position - front.batch.start_sample) as usize;
-                    front.batch.samples.drain(..cut);
-                    front.batch.start_sample = position;
+                if front.start_sample < position {
+                    let cut = (position - front.start_sample) as usize;
+                    front.samples.drain(..cut);
+                    front.start_sample = position;
                     self.buffered_samples -= cut as u64;
                 }
                 break;
             }
+        }
+        // A final leaves little behind: give back most of a deque that a long stretch between
+        // finals grew, rather than hold its peak for the session's life (a thousand sessions
+        // hold a thousand of them).
+        let len = self.buffer.len();
+        if self.buffer.capacity() > 16 && len < self.buffer.capacity() / 4 {
+            self.buffer.shrink_to(2 * len);
         }
     }
 }
@@ -1070,15 +1098,15 @@ fn next_chunk(
 ) -> Option<(usize, u64, u64)> {
     // Usually all was sent, or all but the newest batch: look from the back.
     let last = buffer.len().checked_sub(1)?;
-    if buffer[last].batch.end_sample() <= sent_end {
+    if buffer[last].end_sample() <= sent_end {
         return None;
     }
-    let index = if last == 0 || buffer[last - 1].batch.end_sample() <= sent_end {
+    let index = if last == 0 || buffer[last - 1].end_sample() <= sent_end {
         last
     } else {
-        buffer.partition_point(|b| b.batch.end_sample() <= sent_end)
+        buffer.partition_point(|b| b.end_sample() <= sent_end)
     };
-    let first = &buffer.get(index)?.batch;
+    let first = buffer.get(index)?;
     let from = first.start_sample.max(sent_end);
     let max_to = limit.unwrap_or(u64::MAX).min(from + MAX_CHUNK_SAMPLES);
     if from >= max_to {
@@ -1086,10 +1114,10 @@ fn next_chunk(
     }
     let mut to = first.end_sample().min(max_to);
     for next in buffer.range(index + 1..) {
-        if to == max_to || next.batch.start_sample != to {
+        if to == max_to || next.start_sample != to {
             break;
         }
-        to = next.batch.end_sample().min(max_to);
+        to = next.end_sample().min(max_to);
     }
     Some((index, from, to))
 }
@@ -1133,13 +1161,10 @@ mod chunk_tests {
 
     fn buffered(start_sample: u64, len: usize) -> Buffered {
         Buffered {
-            batch: AudioBatch {
-                samples: vec![0; len],
-                sample_rate_hz: 16_000,
-                start_sample,
-                speech: true,
-            },
-            arrived: Instant::now(),
+            samples: vec![0; len],
+            start_sample,
+            arrived: 0,
+            speech: true,
         }
     }
 
