@@ -349,6 +349,7 @@ where
     await_close(&mut source, outcome).await;
     reason(outcome, &session)
 }
+
 /// How long the closing handshake may take once voxflow has sent its close frame.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 

@@ -491,9 +491,10 @@ impl Core {
                 break;
             }
         }
-        // A final leaves little behind: give back most of a deque that a long stretch between
-        // finals grew, rather than hold its peak for the session's life (a thousand sessions
-        // hold a thousand of them).
+        // After a final (or while idle, down to the pre-roll) little is left: give back most of
+        // a deque that a long stretch between finals grew, rather than hold its peak for the
+        // session's life. Shrinking to twice what is left leaves room to grow before the next
+        // shrink, so a steady length never reallocates.
         let len = self.buffer.len();
         if self.buffer.capacity() > 16 && len < self.buffer.capacity() / 4 {
             self.buffer.shrink_to(2 * len);
