@@ -216,26 +216,30 @@ pub async fn run(
 
 /// Relay the engine's results to egress until the engine has sent its last one, or fails:
 /// then the session ends with the engine's error. `metrics` are the stt stage's.
-pub async fn relay(
+// Not an `async fn`, which would keep its arguments twice in the task (see `Egress::run`).
+#[allow(clippy::manual_async_fn)]
+pub fn relay(
     mut results: EngineResults,
     output: EdgeTx<Box<EngineResult>>,
     metrics: StageMetrics,
     session: Arc<SessionShared>,
-) {
-    // Boxed as the engine queued it: the queue to egress holds pointers too.
-    while let Some(result) = results.recv_boxed().await {
-        match result {
-            Ok(result) => {
-                if let Err(error) = output.send(result).await {
-                    on_send_error(&error, &metrics, &session);
+) -> impl Future<Output = ()> {
+    async move {
+        // Boxed as the engine queued it: the queue to egress holds pointers too.
+        while let Some(result) = results.recv_boxed().await {
+            match result {
+                Ok(result) => {
+                    if let Err(error) = output.send(result).await {
+                        on_send_error(&error, &metrics, &session);
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "STT engine failed; ending the session.");
+                    metrics.error(ErrorKind::Engine);
+                    session.fail(session_error(&error));
                     return;
                 }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "STT engine failed; ending the session.");
-                metrics.error(ErrorKind::Engine);
-                session.fail(session_error(&error));
-                return;
             }
         }
     }

@@ -663,25 +663,29 @@ impl Task {
         }
     }
 
-    async fn run(mut self, slot: SessionSlot) {
-        self.drive().await;
-        let rotations = {
-            let mut core = self.link.lock();
-            core.task_ended = true;
-            core.wake_input();
-            self.responses = None;
-            core.upstream = None;
-            core.rotations
-        };
-        tracing::debug!(
-            engine = ENGINE,
-            streams = self.streams,
-            rotations,
-            retries = self.retries,
-            replayed_ms = self.replayed_samples * 1_000 / u64::from(self.link.lock().rate),
-            "Google session ended."
-        );
-        drop(slot);
+    // Not an `async fn`, which would keep `self` twice in the task (see `Egress::run`).
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self, slot: SessionSlot) -> impl Future<Output = ()> {
+        async move {
+            self.drive().await;
+            let rotations = {
+                let mut core = self.link.lock();
+                core.task_ended = true;
+                core.wake_input();
+                self.responses = None;
+                core.upstream = None;
+                core.rotations
+            };
+            tracing::debug!(
+                engine = ENGINE,
+                streams = self.streams,
+                rotations,
+                retries = self.retries,
+                replayed_ms = self.replayed_samples * 1_000 / u64::from(self.link.lock().rate),
+                "Google session ended."
+            );
+            drop(slot);
+        }
     }
 
     async fn drive(&mut self) {
