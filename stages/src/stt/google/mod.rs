@@ -426,15 +426,17 @@ impl Shared {
 
 const STREAMING_RECOGNIZE: &str = "/google.cloud.speech.v1.Speech/StreamingRecognize";
 
-/// Protobuf with 1 KiB codec buffers instead of tonic's 8 KiB: they are allocated per stream
-/// (one to encode, one to decode) and grow when a message needs it, while an audio request
-/// of 20 ms is 645 bytes and a result a few hundred. Saves ~14 KiB per stream (heaptrack).
+/// Protobuf with 768-byte codec buffers instead of tonic's 8 KiB: they are allocated per
+/// stream (one to encode, one to decode) and grow when a message needs it, while an audio
+/// request of 20 ms is 650 bytes framed and a result a few hundred. The encoder starts a new
+/// buffer for each request while HTTP/2 still holds the last, so this is also the size of
+/// every request waiting to be written. Saves ~15 KiB per stream (heaptrack) over 8 KiB.
 struct SmallBuffers;
 
 type Prost = tonic_prost::ProstCodec<StreamingRecognizeRequest, StreamingRecognizeResponse>;
 
 fn codec_buffers() -> BufferSettings {
-    BufferSettings::new(1024, 32 * 1024)
+    BufferSettings::new(768, 32 * 1024)
 }
 
 impl Codec for SmallBuffers {
