@@ -84,7 +84,7 @@ async fn session(tcp: TcpStream, channel: Channel) -> anyhow::Result<()> {
         query = request.uri().query().unwrap_or_default().to_owned();
         Ok(response)
     };
-    let config = crate::server::socket_buffers();
+    let config = crate::server::socket_buffers(crate::config::DEFAULT_READ_BUFFER_BYTES);
     let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await?;
     let (mut sink, mut stream) = ws.split();
     let mut fields = form_urlencoded::parse(query.as_bytes());

@@ -93,13 +93,12 @@ fn route(
 }
 
 /// A session socket's buffers (also the reference gateway's, so memory compares like for like).
-pub(crate) fn socket_buffers() -> WebSocketConfig {
+pub(crate) fn socket_buffers(read_buffer_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // tungstenite reads into a 128 KiB buffer by default, which dominated an idle session's
-        // memory. A 20 ms frame is under 1 KiB (binary) or 1.2 KiB (JSON); the buffer grows
-        // for larger messages. It also zeroes this much before every read: 2 KiB, not 4, halves
-        // that (and 2 KiB per session), for one or two frames per read.
-        .read_buffer_size(2 * 1024)
+        // memory; it also zeroes the read size before every read. The buffer grows for larger
+        // messages (see `ingress.read_buffer_bytes`).
+        .read_buffer_size(read_buffer_bytes)
         // Small write buffers: a slow reader must push back, not make the server buffer for it.
         .write_buffer_size(0)
 }
@@ -182,7 +181,7 @@ fn upgrade(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let config = socket_buffers()
+    let config = socket_buffers(shared.settings.read_buffer_bytes)
         .max_message_size(Some(shared.settings.max_message_bytes))
         .max_frame_size(Some(shared.settings.max_message_bytes))
         .max_write_buffer_size(256 * 1024);
