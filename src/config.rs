@@ -271,7 +271,7 @@ pub struct IngressConfig {
     /// upload faster than real time, bounded only by the queues).
     pub max_burst_ms: u64,
     /// Most bytes one socket read takes, and the read buffer an idle session holds. The buffer
-    /// settles at about four times this when reads arrive faster than the session takes them
+    /// settles at up to four times this when reads arrive faster than the session takes them
     /// (tungstenite grows it rather than compacting while part of a frame is in it).
     pub read_buffer_bytes: usize,
 }
