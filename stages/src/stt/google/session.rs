@@ -234,6 +234,16 @@ impl Core {
         }
     }
 
+    /// `now` as [`Buffered::arrived`] counts it. Per batch: `u64` arithmetic, not the `u128`
+    /// division `Duration::as_micros` would need.
+    fn arrival_ticks(&self, now: Instant) -> u32 {
+        const TICK_US: u64 = ARRIVAL_TICK.as_micros() as u64;
+        let since = now.duration_since(self.epoch);
+        let ticks =
+            since.as_secs() * (1_000_000 / TICK_US) + u64::from(since.subsec_micros()) / TICK_US;
+        u32::try_from(ticks).unwrap_or(u32::MAX)
+    }
+
     fn on_input(&mut self, input: Option<EngineInput>) {
         match input {
             Some(EngineInput::Audio(batch)) => self.on_audio(batch),
@@ -288,11 +298,11 @@ impl Core {
         self.received_end = batch.end_sample();
         self.buffered_samples += batch.samples.len() as u64;
         self.speech_batches += usize::from(batch.speech);
-        let arrived = now.duration_since(self.epoch).as_micros() / ARRIVAL_TICK.as_micros();
+        let arrived = self.arrival_ticks(now);
         self.buffer.push_back(Buffered {
             samples: batch.samples,
             start_sample: batch.start_sample,
-            arrived: u32::try_from(arrived).unwrap_or(u32::MAX),
+            arrived,
             speech: batch.speech,
         });
     }
