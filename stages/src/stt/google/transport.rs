@@ -36,6 +36,11 @@ use tonic::transport::Uri;
 /// requests, and the connection must not buffer without bound.
 const HIGH_WATER_BYTES: usize = 64 * 1024;
 
+/// Capacity each of a connection's two buffers keeps between writes. A loaded connection writes
+/// a few KiB per window; only a stall fills a buffer towards [`HIGH_WATER_BYTES`], and keeping
+/// that much for the connection's life cost ~2 KB per session at 600 sessions (BENCHMARKS.md).
+const RETAINED_BYTES: usize = 16 * 1024;
+
 /// The connection's half of a coalesced socket: reads go straight to the socket, writes to the
 /// writer task. Dropping it lets the writer write what is held, then close the socket's write
 /// side.
@@ -185,10 +190,8 @@ async fn writer<W: AsyncWrite + Unpin>(mut socket: W, shared: Arc<Shared>, windo
             result = socket.flush().await;
         }
         // A buffer grown by a burst is given back rather than held for the connection's life.
-        if out.capacity() > 2 * HIGH_WATER_BYTES {
-            out = Vec::new();
-        }
         out.clear();
+        out.shrink_to(RETAINED_BYTES);
         if let Err(error) = result {
             let mut state = shared.lock();
             state.fail(&error);
