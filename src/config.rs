@@ -338,15 +338,23 @@ impl EdgeConfig {
         self.settings(name)
     }
 
-    /// An edge that needs a queue (egress writes to the socket in a task of its own).
-    fn validate(&self, name: &str) -> Result<EdgeSettings, ConfigError> {
-        if !(1..=4_096).contains(&self.capacity) {
+    /// The egress edge: 0 means egress reads the engine's own result queue, where no policy of
+    /// this edge can apply, so only `block` is accepted with it.
+    fn validate_egress(&self) -> Result<EdgeSettings, ConfigError> {
+        if self.capacity > 4_096 {
             return Err(ConfigError::Invalid(format!(
-                "edges.{name}.capacity must be 1..=4096 (0 is for every other edge), got {}",
+                "edges.egress.capacity must be 0..=4096, got {}",
                 self.capacity
             )));
         }
-        self.settings(name)
+        if self.capacity == 0 && self.overflow != OverflowPolicy::Block {
+            return Err(ConfigError::Invalid(format!(
+                "edges.egress.overflow must be \"block\" when edges.egress.capacity is 0 (egress \
+                 then reads the engine's results directly), got \"{}\"",
+                self.overflow.as_str()
+            )));
+        }
+        self.settings("egress")
     }
 
     fn settings(&self, name: &str) -> Result<EdgeSettings, ConfigError> {
@@ -385,7 +393,8 @@ impl Default for EdgesConfig {
             // 0: the VAD's task batches, and hands batches to the engine itself.
             batch: EdgeConfig::new(0),
             stt: EdgeConfig::new(0),
-            egress: EdgeConfig::new(16),
+            // 0: egress reads the engine's results itself (no relay task, no second queue).
+            egress: EdgeConfig::new(0),
         }
     }
 }
@@ -410,7 +419,8 @@ pub struct Edges {
     pub vad: EdgeSettings,
     pub batch: EdgeSettings,
     pub stt: EdgeSettings,
-    /// Always a queue: egress writes to the socket.
+    /// Egress always runs in a task of its own (it writes to the socket); capacity 0 has it read
+    /// the engine's result queue directly.
     pub egress: EdgeSettings,
 }
 
@@ -590,7 +600,7 @@ impl Config {
                 vad: self.edges.vad.validate_fusable("vad")?,
                 batch: self.edges.batch.validate_fusable("batch")?,
                 stt: self.edges.stt.validate_fusable("stt")?,
-                egress: self.edges.egress.validate("egress")?,
+                egress: self.edges.egress.validate_egress()?,
             },
             vad: self
                 .vad
@@ -702,12 +712,18 @@ mod tests {
             .to_string();
         assert!(error.contains("max_duration"), "{error}");
         let error = Config::from_toml(
-            "[edges.egress]\ncapacity = 0\nsend_timeout_ms = 1\noverflow = \"block\"\n",
+            "[edges.egress]\ncapacity = 0\nsend_timeout_ms = 1\noverflow = \"drop_oldest\"\n",
         )
         .unwrap()
         .validate()
         .unwrap_err()
         .to_string();
+        assert!(error.contains("edges.egress.overflow"), "{error}");
+        let error = Config::from_toml("[edges.egress]\ncapacity = 5000\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("edges.egress.capacity"), "{error}");
     }
 

@@ -5,7 +5,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use pipeline::OverflowPolicy;
 use pipeline::testing::CountingEngine;
 use serde_json::json;
@@ -147,4 +147,64 @@ async fn close_policy_ends_the_session_with_1013() {
         0,
         "close loses the session, not frames silently"
     );
+}
+
+/// A client that stops reading: egress's write times out and the session ends (counted as an
+/// egress socket error), whether egress reads the engine's results itself or through a queue.
+/// Both in one test: the metrics are the process's, shared by the tests running beside it.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut() {
+    for egress_capacity in [0, 16] {
+        client_that_stops_reading_is_cut(egress_capacity).await;
+    }
+}
+
+async fn client_that_stops_reading_is_cut(egress_capacity: usize) {
+    let (engine, _stall) = CountingEngine::new();
+    let mut config = test_config();
+    config.egress.write_timeout_ms = 300;
+    config.edges.egress.capacity = egress_capacity;
+    let server = TestServer::start(config, Arc::new(engine)).await;
+    let socket_errors = |metrics: &str| {
+        counter(
+            metrics,
+            "voxflow_stage_errors_total",
+            &["stage=\"egress\"", "error=\"socket\""],
+        )
+    };
+    let errors_before = socket_errors(&server.metrics().await);
+    // A small receive window, so the server's writes back up after a few KiB.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(server.url(""), tcp)
+        .await
+        .unwrap();
+    // Each frame plus `finalize` makes one final; none is read.
+    let finalize = json!({"type": "finalize"}).to_string();
+    let mut pairs = 0u32;
+    while pairs < 50_000 {
+        let sent = tokio::time::timeout(Duration::from_secs(2), async {
+            ws.send(Message::binary(le_bytes(&[7; FRAME]))).await?;
+            ws.send(Message::text(finalize.clone())).await
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            break;
+        }
+        pairs += 1;
+    }
+    assert!(pairs < 50_000, "the server never pushed back");
+    // The server has cut the connection: what it wrote before is readable, then the end.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(drained.is_ok(), "the stuck session was not ended");
+    assert_eq!(socket_errors(&server.metrics().await) - errors_before, 1);
+    // The server is still serving.
+    let mut client = server.connect("").await;
+    client.send_binary(le_bytes(&[7; FRAME])).await;
+    client.send_json(json!({"type": "stop"})).await;
+    assert_eq!(client.collect().await.final_samples(), FRAME as u64);
 }

@@ -109,9 +109,21 @@ async fn audio_before_start_is_refused_when_a_start_is_required() {
 
 #[tokio::test]
 async fn an_engine_error_reaches_the_client_once() {
+    engine_error_reaches_the_client_once(test_config()).await;
+}
+
+/// The same through the relay and a queue in front of egress.
+#[tokio::test]
+async fn an_engine_error_reaches_the_client_once_through_an_egress_queue() {
+    let mut config = test_config();
+    config.edges.egress.capacity = 16;
+    engine_error_reaches_the_client_once(config).await;
+}
+
+async fn engine_error_reaches_the_client_once(config: voxflow::config::Config) {
     let (mut engine, _stall) = CountingEngine::new();
     engine.fail_after_batches = Some(3);
-    let server = TestServer::start(test_config(), Arc::new(engine)).await;
+    let server = TestServer::start(config, Arc::new(engine)).await;
     let mut client = server.connect("").await;
     for _ in 0..50 {
         if client

@@ -50,7 +50,19 @@ async fn tutorial_json_base64_form_delivers_every_sample_in_order() {
 
 #[tokio::test]
 async fn binary_linear16_with_start() {
-    let server = server().await;
+    binary_linear16_session(server().await).await;
+}
+
+/// The same with a queue in front of egress, fed by the stt stage's relay task.
+#[tokio::test]
+async fn binary_linear16_through_an_egress_queue() {
+    let mut config = test_config();
+    config.edges.egress.capacity = 16;
+    let (engine, _stall) = CountingEngine::new();
+    binary_linear16_session(TestServer::start(config, Arc::new(engine)).await).await;
+}
+
+async fn binary_linear16_session(server: TestServer) {
     let speech = speech_16k();
     let mut client = server.connect("").await;
     client

@@ -218,6 +218,11 @@ impl EngineResults {
     pub async fn recv_boxed(&mut self) -> Option<Result<Box<EngineResult>, SttError>> {
         self.0.recv().await.map(|result| result.map_err(|e| *e))
     }
+
+    /// Take no more results: the engine's sends fail from now on, which ends its stream.
+    pub fn close(&mut self) {
+        self.0.close();
+    }
 }
 
 /// Where an engine sends a stream's results.

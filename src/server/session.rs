@@ -18,12 +18,12 @@ use pipeline::protocol::{
 use pipeline::rare::Rare;
 use pipeline::session::close_code;
 use pipeline::{
-    AudioFormat, EdgeRx, EdgeSettings, EdgeTx, EngineResult, Flow, Payload, SessionError,
-    SessionShared, StreamConfig, SttStream, stage,
+    AudioFormat, EdgeSettings, EdgeTx, Flow, Payload, SessionError, SessionShared, StreamConfig,
+    SttStream, stage,
 };
 use stages::batch::Batch;
 use stages::decode::Decode;
-use stages::egress::{Egress, Outcome};
+use stages::egress::{self, Egress, Outcome};
 use stages::ingress::{Ingress, IngressEnd};
 use stages::resample::Resample;
 use stages::stt::Stt;
@@ -101,7 +101,7 @@ struct Opened<D> {
     effective: EffectiveConfig,
     session: Arc<SessionShared>,
     ingress_metrics: StageMetrics,
-    egress_in: EdgeRx<Box<EngineResult>>,
+    egress_in: egress::Results,
 }
 
 /// Read the first message, agree the format and build the graph; or refuse the session
@@ -228,14 +228,25 @@ fn build(
         span: &span,
     };
 
-    let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
     let SttStream { audio, results } = stream;
-    graph.spawn(stages::stt::relay(
-        results,
-        to_egress,
-        m_stt.clone(),
-        Arc::clone(&session),
-    ));
+    let egress_in = match edges.egress.queue() {
+        // Egress reads the engine's queue itself: no relay task, no second queue.
+        None => egress::Results::Engine {
+            results,
+            stt: m_stt.clone(),
+            egress: m_egress.clone(),
+        },
+        Some(_) => {
+            let (to_egress, egress_in) = edge(edges.egress, m_stt, m_egress, &session);
+            graph.spawn(stages::stt::relay(
+                results,
+                to_egress,
+                m_stt.clone(),
+                Arc::clone(&session),
+            ));
+            egress::Results::Queued(egress_in)
+        }
+    };
     let to_stt = match edges.stt.queue() {
         None => Route::Inline(Stt::new(
             audio,

@@ -13,10 +13,10 @@ use std::time::Duration;
 use futures::{Sink, SinkExt};
 use pipeline::audio::samples_to_ms;
 use pipeline::edge::EdgeRx;
-use pipeline::metrics::{ErrorKind, sessions};
+use pipeline::metrics::{ErrorKind, StageMetrics, sessions};
 use pipeline::protocol::{EffectiveConfig, ServerMessage};
 use pipeline::session::close_code;
-use pipeline::{EngineResult, SessionShared};
+use pipeline::{EngineResult, EngineResults, SessionShared};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -31,6 +31,60 @@ pub enum Outcome {
     Failed,
     /// The client could not be written to.
     ClientGone,
+}
+
+/// Where egress takes results from.
+pub enum Results {
+    /// A queue (the egress edge), fed by the stt stage's relay task.
+    Queued(EdgeRx<Box<EngineResult>>),
+    /// The engine's own result queue (the egress edge at capacity 0): no relay task and no
+    /// second queue per session. An engine's failure is handled here, as the relay would.
+    Engine {
+        results: EngineResults,
+        stt: StageMetrics,
+        egress: StageMetrics,
+    },
+}
+
+impl Results {
+    /// Egress's metrics.
+    fn metrics(&self) -> &StageMetrics {
+        match self {
+            Results::Queued(input) => input.metrics(),
+            Results::Engine { egress, .. } => egress,
+        }
+    }
+
+    /// The next result; `None` once the engine has sent its last one or failed (then the
+    /// session holds its error).
+    async fn recv(&mut self, session: &SessionShared) -> Option<Box<EngineResult>> {
+        match self {
+            Results::Queued(input) => input.recv().await,
+            Results::Engine {
+                results,
+                stt,
+                egress,
+            } => match results.recv_boxed().await? {
+                Ok(result) => {
+                    stt.sent(1);
+                    egress.received(1);
+                    Some(result)
+                }
+                Err(error) => {
+                    crate::stt::engine_failed(&error, stt, session);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Stop taking results: the engine (or the relay) sees its output closed.
+    fn close(&mut self) {
+        match self {
+            Results::Queued(input) => input.close(),
+            Results::Engine { results, .. } => results.close(),
+        }
+    }
 }
 
 pub struct Egress<S> {
@@ -81,10 +135,7 @@ where
     // Not an `async fn`: that would keep `self` and `input` twice in the task (as arguments and
     // as the body's bindings; rustc does not overlap the two), hundreds of bytes per session.
     #[allow(clippy::manual_async_fn)]
-    pub fn run(
-        mut self,
-        mut input: EdgeRx<Box<EngineResult>>,
-    ) -> impl Future<Output = Outcome> + use<S> {
+    pub fn run(mut self, mut input: Results) -> impl Future<Output = Outcome> + use<S> {
         async move {
             let metrics = input.metrics().clone();
             let ready = ServerMessage::Ready {
@@ -100,7 +151,7 @@ where
                 let step = tokio::select! {
                     biased;
                     () = self.session.changed() => self.report().await,
-                    result = input.recv() => match result {
+                    result = input.recv(&self.session) => match result {
                         Some(result) => {
                             let started = Instant::now();
                             let json = self.transcript(&result);

@@ -214,6 +214,13 @@ pub async fn run(
     }
 }
 
+/// The engine failed: count it under the stt stage and end the session with its error.
+pub(crate) fn engine_failed(error: &SttError, metrics: &StageMetrics, session: &SessionShared) {
+    tracing::warn!(%error, "STT engine failed; ending the session.");
+    metrics.error(ErrorKind::Engine);
+    session.fail(session_error(error));
+}
+
 /// Relay the engine's results to egress until the engine has sent its last one, or fails:
 /// then the session ends with the engine's error. `metrics` are the stt stage's.
 // Not an `async fn`, which would keep its arguments twice in the task (see `Egress::run`).
@@ -235,9 +242,7 @@ pub fn relay(
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "STT engine failed; ending the session.");
-                    metrics.error(ErrorKind::Engine);
-                    session.fail(session_error(&error));
+                    engine_failed(&error, &metrics, &session);
                     return;
                 }
             }
