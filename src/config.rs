@@ -270,9 +270,8 @@ pub struct IngressConfig {
     /// time catches up (TCP backpressure; nothing is dropped). 0: no pacing (clients may
     /// upload faster than real time, bounded only by the queues).
     pub max_burst_ms: u64,
-    /// Most bytes one socket read takes, and the read buffer an idle session holds. The buffer
-    /// settles at up to four times this when reads arrive faster than the session takes them
-    /// (tungstenite grows it rather than compacting while part of a frame is in it).
+    /// Most bytes one socket read takes: each session's read buffer. It grows only for a frame
+    /// larger than itself, and shrinks back after it.
     pub read_buffer_bytes: usize,
 }
 

@@ -242,3 +242,38 @@ async fn keepalive_is_accepted_and_metrics_are_served() {
     assert_eq!(http_get(server.metrics_addr, "/healthz").await.0, 200);
     assert_eq!(http_get(server.metrics_addr, "/readyz").await.0, 200);
 }
+
+/// Send a ping; the payload of the pong that answers it.
+async fn ping(client: &mut Client, payload: &'static [u8]) -> Vec<u8> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    client.ws.send(Message::Ping(payload.into())).await.unwrap();
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), client.ws.next())
+            .await
+            .expect("a pong within 5 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let Message::Pong(payload) = message {
+            return payload.to_vec();
+        }
+    }
+}
+
+/// Pings are answered with their payload, before the first audio message and during a session.
+#[tokio::test]
+async fn pings_are_answered() {
+    let server = server().await;
+    let mut client = server.connect("").await;
+    assert_eq!(ping(&mut client, b"before audio").await, b"before audio");
+    client.send_binary(le_bytes(&[7; 320])).await;
+    assert_eq!(
+        ping(&mut client, b"in the session").await,
+        b"in the session"
+    );
+    client.send_json(json!({"type": "stop"})).await;
+    let result = client.collect().await;
+    assert_eq!(result.final_samples(), 320);
+    assert_eq!(result.close_code(), Some(1000));
+}

@@ -1,11 +1,14 @@
-//! What the stages of one session share: audio dropped so far, and the first fatal error.
+//! What the stages of one session share: audio dropped so far, the first fatal error, and a
+//! ping to answer.
 //!
 //! Stages never talk to the socket; they record here and egress, woken by [`SessionShared::changed`],
-//! tells the client (a `warning` for drops, an `error` and a close code for a fatal error).
+//! tells the client (a `warning` for drops, an `error` and a close code for a fatal error, a pong
+//! for a ping ingress read).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 /// A session-ending error, as the client will see it.
@@ -38,6 +41,9 @@ pub struct SessionShared {
     notify: Notify,
     going_away: AtomicBool,
     time_limit: AtomicBool,
+    /// The payload of the last ping not yet answered (RFC 6455 §5.5.3: only the latest needs a
+    /// pong).
+    pong: Mutex<Option<Bytes>>,
 }
 
 impl SessionShared {
@@ -93,7 +99,18 @@ impl SessionShared {
         self.time_limit.load(Ordering::Relaxed)
     }
 
-    /// Resolves after the next drop or failure (or at once if one happened since the last call).
+    /// Ask egress to answer a ping with `payload`.
+    pub fn queue_pong(&self, payload: Bytes) {
+        *self.pong.lock().unwrap_or_else(|e| e.into_inner()) = Some(payload);
+        self.notify.notify_one();
+    }
+
+    /// The ping to answer, if one came since the last call.
+    pub fn take_pong(&self) -> Option<Bytes> {
+        self.pong.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Resolves after the next drop, failure or ping (or at once if one happened since the last call).
     pub async fn changed(&self) {
         self.notify.notified().await
     }

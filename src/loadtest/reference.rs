@@ -84,7 +84,11 @@ async fn session(tcp: TcpStream, channel: Channel) -> anyhow::Result<()> {
         query = request.uri().query().unwrap_or_default().to_owned();
         Ok(response)
     };
-    let config = crate::server::socket_buffers(crate::config::DEFAULT_READ_BUFFER_BYTES);
+    // tungstenite's default 128 KiB read buffer would dominate a session's memory: the same read
+    // size as voxflow's, and no write buffering.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(crate::config::DEFAULT_READ_BUFFER_BYTES)
+        .write_buffer_size(0);
     let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await?;
     let (mut sink, mut stream) = ws.split();
     let mut fields = form_urlencoded::parse(query.as_bytes());

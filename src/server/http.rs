@@ -16,9 +16,7 @@ use pipeline::protocol::StartFields;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::Shared;
 
@@ -90,17 +88,6 @@ fn route(
             text(StatusCode::NOT_FOUND, "not found\n")
         }
     }
-}
-
-/// A session socket's buffers (also the reference gateway's, so memory compares like for like).
-pub(crate) fn socket_buffers(read_buffer_bytes: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        // tungstenite reads into a 128 KiB buffer by default, which dominated an idle session's
-        // memory; it also zeroes the read size before every read. The buffer grows for larger
-        // messages (see `ingress.read_buffer_bytes`).
-        .read_buffer_size(read_buffer_bytes)
-        // Small write buffers: a slow reader must push back, not make the server buffer for it.
-        .write_buffer_size(0)
 }
 
 fn upgrade(
@@ -181,24 +168,16 @@ fn upgrade(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let config = socket_buffers(shared.settings.read_buffer_bytes)
-        .max_message_size(Some(shared.settings.max_message_bytes))
-        .max_frame_size(Some(shared.settings.max_message_bytes))
-        .max_write_buffer_size(256 * 1024);
     let tracker = shared.tracker.clone();
     tracing::debug!(%peer, method = grant.method, key = grant.key_id.as_deref().unwrap_or(""), "Upgrade accepted.");
     tracker.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
+                let (sink, source) =
+                    super::session::split(TokioIo::new(upgraded), &shared.settings).await;
                 // Boxed: the session's future is kilobytes; built inside this block it would
                 // be laid out beside the upgrade's state instead of replacing it.
-                Box::pin(super::session::run(socket, query, peer, shared)).await;
+                Box::pin(super::session::run(sink, source, query, peer, shared)).await;
                 drop(permit);
             }
             Err(error) => tracing::debug!(%peer, %error, "Upgrade failed."),

@@ -23,7 +23,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 
-pub(crate) use http::socket_buffers;
 pub use observe::install_recorder;
 
 /// What every connection task shares.

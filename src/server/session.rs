@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use pipeline::edge::edge;
 use pipeline::metrics::{StageMetrics, sessions};
@@ -24,17 +23,21 @@ use pipeline::{
 use stages::batch::Batch;
 use stages::decode::Decode;
 use stages::egress::{self, Egress, Outcome};
-use stages::ingress::{Ingress, IngressEnd};
+use stages::ingress::{FrameReader, Ingress, IngressEnd};
 use stages::resample::Resample;
 use stages::stt::Stt;
 use stages::vad::Vad;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tracing::Instrument;
 
 use super::Shared;
+use crate::config::Settings;
 
 /// What a session was set up with.
 struct Plan {
@@ -43,10 +46,32 @@ struct Plan {
     stream: StreamConfig,
 }
 
-/// One session's future. Not an `async fn`: the socket is split first, so the future holds
-/// the two halves (a few bytes) rather than the whole stream.
+/// The socket's halves: voxflow's frame reader, and tungstenite for writing (see
+/// [`FrameReader`] for why). Boxed: the session's nested futures each hold them.
+pub(super) type Sink<S> = Box<WebSocketStream<WriteOnly<WriteHalf<S>>>>;
+pub(super) type Source<S> = Box<FrameReader<ReadHalf<S>>>;
+
+/// Split an upgraded connection into the session's halves.
+pub(super) async fn split<S>(socket: S, settings: &Settings) -> (Sink<S>, Source<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (read, write) = tokio::io::split(socket);
+    let source = FrameReader::new(read, settings.read_buffer_bytes, settings.max_message_bytes);
+    let config = WebSocketConfig::default()
+        // Nothing is read through tungstenite: no read buffer.
+        .read_buffer_size(0)
+        // A slow reader must push back, not make the server buffer for it.
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024);
+    let sink = WebSocketStream::from_raw_socket(WriteOnly(write), Role::Server, Some(config)).await;
+    (Box::new(sink), Box::new(source))
+}
+
+/// One session's future. Not an `async fn`, which would keep its arguments twice.
 pub(super) fn run<S>(
-    socket: WebSocketStream<S>,
+    sink: Sink<S>,
+    source: Source<S>,
     query: StartFields,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -56,7 +81,6 @@ where
 {
     let session_id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("session", id = %session_id, %peer);
-    let (sink, source) = socket.split();
     let query = Box::new(query);
     async move {
         sessions::opened();
@@ -67,9 +91,51 @@ where
     .instrument(span)
 }
 
-/// The socket's halves.
-type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
-type Source<S> = SplitStream<WebSocketStream<S>>;
+/// The write half, for tungstenite, which needs a reader's type but never reads when it only
+/// writes.
+pub(super) struct WriteOnly<W>(W);
+
+impl<W: Unpin> AsyncRead for WriteOnly<W> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Err(std::io::Error::other(
+            "the socket's read half is elsewhere",
+        )))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for WriteOnly<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
 
 /// Split in three so that the session's future stays small: it lives for the whole session,
 /// one per connection, and an `async fn` keeps every local that is in scope at an `.await`
@@ -117,13 +183,27 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let settings = &shared.settings;
-    // The first message, bounded like any other wait for the client.
-    let first = tokio::select! {
-        first = tokio::time::timeout(settings.idle_timeout, source.next()) => first,
-        () = shared.draining.cancelled() => {
-            refuse(sink, shared, &shutting_down()).await;
-            return Err("shutdown");
+    // The first message (pings before it are answered here: egress is not running yet), bounded
+    // like any other wait for the client.
+    let first = tokio::time::timeout(settings.idle_timeout, async {
+        loop {
+            match source.next().await {
+                Some(Ok(Message::Ping(payload))) => {
+                    if sink.send(Message::Pong(payload)).await.is_err() {
+                        return None;
+                    }
+                }
+                other => return other,
+            }
         }
+    });
+    let first = tokio::select! {
+        first = first => Some(first),
+        () = shared.draining.cancelled() => None,
+    };
+    let Some(first) = first else {
+        refuse(sink, shared, &shutting_down()).await;
+        return Err("shutdown");
     };
     let first = match first {
         Ok(Some(Ok(message))) => message,

@@ -204,6 +204,9 @@ where
 
     /// Tell the client about new drops and a fatal error; `Some` when the session is over.
     async fn report(&mut self) -> Result<Option<Outcome>, WriteFailed> {
+        if let Some(payload) = self.session.take_pong() {
+            self.send(Message::Pong(payload)).await?;
+        }
         let (_, dropped_us) = self.session.drops();
         if dropped_us > self.reported_us {
             let dropped_ms = (dropped_us - self.reported_us) / 1_000;
@@ -249,7 +252,11 @@ where
     }
 
     async fn write(&mut self, text: String) -> Result<(), WriteFailed> {
-        match timeout(self.write_timeout, self.sink.send(Message::text(text))).await {
+        self.send(Message::text(text)).await
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), WriteFailed> {
+        match timeout(self.write_timeout, self.sink.send(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => {
                 tracing::debug!(%error, "Socket write failed.");

@@ -9,6 +9,8 @@
 //! socket. With a maximum burst set, it also stops reading while the client is further ahead of
 //! real time than the burst allows, so a client cannot push audio faster than it is spoken.
 
+mod frames;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,6 +26,8 @@ use pipeline::session::close_code;
 use pipeline::{AudioFormat, Encoding, Flow, Payload, SessionError, SessionShared};
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+pub use frames::FrameReader;
 
 /// Audio assumed per Opus packet when reporting drops before decode.
 const OPUS_PACKET_US: u64 = 20_000;
@@ -244,8 +248,12 @@ impl Ingress {
                 })
             }
             Message::Close(_) => return Some(IngressEnd::ClientGone),
-            // tungstenite answers pings itself.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
+            // Egress, which owns the socket's write side, answers.
+            Message::Ping(payload) => {
+                self.session.queue_pong(payload);
+                return None;
+            }
+            Message::Pong(_) | Message::Frame(_) => return None,
         };
         self.metrics.processing(started.elapsed());
         let sent = match flow {
