@@ -277,3 +277,33 @@ async fn pings_are_answered() {
     assert_eq!(result.final_samples(), 320);
     assert_eq!(result.close_code(), Some(1000));
 }
+
+/// A client that closes gets a close frame back with its code (not a dropped connection).
+#[tokio::test]
+async fn a_clients_close_is_answered() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let server = server().await;
+    let mut client = server.connect("").await;
+    client.send_binary(le_bytes(&[7; 320])).await;
+    client
+        .ws
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(4000),
+            reason: "done".into(),
+        })))
+        .await
+        .unwrap();
+    let mut answer = None;
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), client.ws.next()).await
+    {
+        if let Message::Close(frame) = message {
+            answer = Some(frame.map(|f| u16::from(f.code)));
+        }
+    }
+    assert_eq!(answer, Some(Some(4000)), "the server answers the close");
+}

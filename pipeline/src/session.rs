@@ -6,7 +6,7 @@
 //! for a ping ingress read).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -44,6 +44,8 @@ pub struct SessionShared {
     /// The payload of the last ping not yet answered (RFC 6455 §5.5.3: only the latest needs a
     /// pong).
     pong: Mutex<Option<Bytes>>,
+    /// The code of the close frame the client sent; 0 while it has sent none.
+    client_closed: AtomicU16,
 }
 
 impl SessionShared {
@@ -97,6 +99,21 @@ impl SessionShared {
 
     pub fn time_limit_reached(&self) -> bool {
         self.time_limit.load(Ordering::Relaxed)
+    }
+
+    /// The client sent a close frame with `code`: egress answers with the same code (RFC 6455
+    /// §5.5.1) and ends.
+    pub fn set_client_closed(&self, code: u16) {
+        self.client_closed.store(code.max(1), Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// The code of the client's close frame, once it sent one.
+    pub fn client_closed(&self) -> Option<u16> {
+        match self.client_closed.load(Ordering::Relaxed) {
+            0 => None,
+            code => Some(code),
+        }
     }
 
     /// Ask egress to answer a ping with `payload`.

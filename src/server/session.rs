@@ -431,6 +431,12 @@ where
             return reason(outcome, &session);
         }
     };
+    if ended == IngressEnd::ClientClosed {
+        // Egress answers the client's close frame; it gets as long as a closing handshake.
+        let _ = tokio::time::timeout(CLOSE_GRACE, &mut egress).await;
+        egress.inner_mut().abort();
+        return "client_gone";
+    }
     if ended == IngressEnd::ClientGone {
         egress.inner_mut().abort();
         return "client_gone";

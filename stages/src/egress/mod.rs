@@ -207,6 +207,11 @@ where
         if let Some(payload) = self.session.take_pong() {
             self.send(Message::Pong(payload)).await?;
         }
+        if let Some(code) = self.session.client_closed() {
+            // The client is done: answer its close and send nothing more.
+            self.close(code, "").await?;
+            return Ok(Some(Outcome::ClientGone));
+        }
         let (_, dropped_us) = self.session.drops();
         if dropped_us > self.reported_us {
             let dropped_ms = (dropped_us - self.reported_us) / 1_000;

@@ -41,6 +41,9 @@ pub enum IngressEnd {
     Shutdown,
     /// The socket closed or broke: nobody to send results to.
     ClientGone,
+    /// The client sent a close frame: egress answers it (the session has its code), then the
+    /// session ends.
+    ClientClosed,
     /// Bad input or a full queue; the session has recorded the error.
     Failed,
 }
@@ -247,7 +250,15 @@ impl Ingress {
                     audio_us,
                 })
             }
-            Message::Close(_) => return Some(IngressEnd::ClientGone),
+            Message::Close(frame) => {
+                // Echoed back, unless it is one an endpoint may not send (1005, 1006, …).
+                let code = frame
+                    .map(|f| f.code)
+                    .filter(|code| code.is_allowed())
+                    .map_or(close_code::NORMAL, u16::from);
+                self.session.set_client_closed(code);
+                return Some(IngressEnd::ClientClosed);
+            }
             // Egress, which owns the socket's write side, answers.
             Message::Ping(payload) => {
                 self.session.queue_pong(payload);
