@@ -5,7 +5,9 @@
 //! only once the format is known, so every stage checks its input format before audio flows.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures::{SinkExt, StreamExt};
 use pipeline::edge::edge;
@@ -27,9 +29,6 @@ use stages::ingress::{FrameReader, Ingress, IngressEnd};
 use stages::resample::Resample;
 use stages::stt::Stt;
 use stages::vad::Vad;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -431,13 +430,11 @@ where
             return reason(outcome, &session);
         }
     };
-    if ended == IngressEnd::ClientClosed {
-        // Egress answers the client's close frame; it gets as long as a closing handshake.
-        let _ = tokio::time::timeout(CLOSE_GRACE, &mut egress).await;
-        egress.inner_mut().abort();
-        return "client_gone";
-    }
-    if ended == IngressEnd::ClientGone {
+    if matches!(ended, IngressEnd::ClientGone | IngressEnd::ClientClosed) {
+        if ended == IngressEnd::ClientClosed {
+            // Egress answers the client's close frame; it gets as long as a closing handshake.
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut egress).await;
+        }
         egress.inner_mut().abort();
         return "client_gone";
     }

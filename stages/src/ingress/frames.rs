@@ -224,31 +224,31 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Give back a buffer grown for a large frame once what is left fits the usual size.
     fn release(&mut self) {
-        let left = self.end - self.start;
-        if self.buf.len() > self.read_size && left <= self.read_size {
-            let mut buf = vec![0; self.read_size];
-            buf[..left].copy_from_slice(&self.buf[self.start..self.end]);
-            self.buf = buf;
-            self.start = 0;
-            self.end = left;
+        if self.buf.len() > self.read_size && self.end - self.start <= self.read_size {
+            self.rebuffer(self.read_size);
         }
+    }
+
+    /// Move what is buffered to the front of a new buffer of `size` bytes.
+    fn rebuffer(&mut self, size: usize) {
+        let left = self.end - self.start;
+        let mut buf = vec![0; size];
+        buf[..left].copy_from_slice(&self.buf[self.start..self.end]);
+        self.buf = buf;
+        self.start = 0;
+        self.end = left;
     }
 
     /// Make room to read: at least some, and all of a frame of `need` bytes.
     fn make_room(&mut self, need: usize) {
-        let left = self.end - self.start;
         if need > self.buf.len() {
             // A frame larger than the buffer: grow to exactly its size.
-            let mut buf = vec![0; need];
-            buf[..left].copy_from_slice(&self.buf[self.start..self.end]);
-            self.buf = buf;
-            self.start = 0;
-            self.end = left;
+            self.rebuffer(need);
         } else if self.end == self.buf.len() || self.start + need > self.buf.len() {
             // Move the partial frame to the front (less than one frame: a short copy).
             self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
-            self.end = left;
         }
     }
 }

@@ -211,11 +211,9 @@ impl Ingress {
         let started = Instant::now();
         let flow = match message {
             Message::Text(text) => {
-                let bytes = Bytes::from(text);
-                let parsed = std::str::from_utf8(&bytes)
-                    .map_err(|e| ProtocolError::Json(e.to_string()))
-                    .and_then(parse);
-                match parsed {
+                // Already checked to be UTF-8 (the frame reader did): parsed in place.
+                let bytes: &Bytes = text.as_ref();
+                match parse(text.as_str()) {
                     Ok(ClientMessage::Audio { content, .. }) => {
                         let base64 = if bytes.as_ptr_range().contains(&content.as_ptr()) {
                             // The usual case: slice the frame rather than copy the content.
