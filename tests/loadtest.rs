@@ -50,6 +50,13 @@ fn assert_clean(report: &Value, mode: &str) {
             .is_some(),
         "{report}"
     );
+    // Both processes were measured: the ratio is a positive number.
+    assert!(
+        report["server_cpu_per_loadtest_cpu"]
+            .as_f64()
+            .is_some_and(|ratio| ratio > 0.0),
+        "{report}"
+    );
 }
 
 /// Every marker back once, nothing lost, nobody behind, the server process observed.

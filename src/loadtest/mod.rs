@@ -409,6 +409,14 @@ async fn drive(
             .collect(),
         _ => BTreeMap::new(),
     };
+    let server = process(at_start.server, at_end.server, server_before);
+    let loadtest = process(at_start.me, at_end.me, None);
+    let server_cpu_per_loadtest_cpu = match (&server, &loadtest) {
+        (Some(s), Some(l)) if l.cpu_cores > 0.0 => {
+            Some((s.cpu_cores / l.cpu_cores * 1000.0).round() / 1000.0)
+        }
+        _ => None,
+    };
     let mut report = Report {
         kind: "voxflow_loadtest",
         date: report::today(),
@@ -425,9 +433,10 @@ async fn drive(
         markers: totals.markers,
         lost_audio_ms: totals.lost_audio_ms,
         behind: totals.behind,
-        server: process(at_start.server, at_end.server, server_before),
+        server,
         emulator: process(at_start.emulator, at_end.emulator, None),
-        loadtest: process(at_start.me, at_end.me, None),
+        server_cpu_per_loadtest_cpu,
+        loadtest,
         stage_cpu_ms_per_audio_sec,
         slo: Slo {
             p99_bound_ms: args.slo_p99_ms,
