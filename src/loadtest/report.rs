@@ -35,7 +35,7 @@ pub struct Report {
     /// Server CPU over the load generator's, in the same window. The generator's work is fixed
     /// by the client count and mode, so its CPU follows how fast the shared machine runs at the
     /// moment: compare builds by this ratio at the same count and mode (seven runs of one build
-    /// at 600 clients: 1.18–1.36 ms per audio-s per client, ratio 1.36–1.45).
+    /// at 600 clients: 1.18–1.40 ms per audio-s per client, ratio 1.36–1.45).
     pub server_cpu_per_loadtest_cpu: Option<f64>,
     /// Milliseconds of CPU per second of audio per client, per stage, from
     /// `voxflow_stage_processing_seconds_sum` (the rest of the server's CPU is sockets, tasks
