@@ -239,20 +239,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.end = left;
     }
 
-    /// Make room to read: at least some, and all of a frame of `need` bytes.
+    /// Make room to read all of a frame of `need` bytes, from the front of the buffer. What is
+    /// held is less than a frame (a read happens only when no whole frame is buffered): moving
+    /// it is a short copy, or none when the last frame was taken whole. Reading into the room
+    /// behind it instead split most 20 ms frames in two reads, a system call each.
     fn make_room(&mut self, need: usize) {
-        if self.start == self.end {
-            // Nothing held: read from the front, so the next frame arrives in one read. Reading
-            // into what is left behind the last frame split most 20 ms frames in two reads (a
-            // system call each).
-            self.start = 0;
-            self.end = 0;
-        }
         if need > self.buf.len() {
             // A frame larger than the buffer: grow to exactly its size.
             self.rebuffer(need);
-        } else if self.end == self.buf.len() || self.start + need > self.buf.len() {
-            // Move the partial frame to the front (less than one frame: a short copy).
+        } else if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
