@@ -1,4 +1,4 @@
-//! Google Cloud Speech-to-Text v1 `StreamingRecognize` engine, over tonic.
+//! Google Cloud Speech-to-Text v1 `StreamingRecognize` engine, over gRPC on h2 ([`grpc`]).
 //!
 //! Consumes a session's [`EngineInput`](pipeline::EngineInput)s and produces
 //! [`EngineResult`](pipeline::EngineResult)s on the session clock. Per session one task drives a
@@ -22,6 +22,7 @@
 //! replayed audio never yields a duplicate. Streams spread over a pool of HTTP/2 connections.
 
 mod config;
+mod grpc;
 mod session;
 #[cfg(test)]
 mod tests;
@@ -31,19 +32,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use googleapis_tonic_google_cloud_speech_v1::google::cloud::speech::v1::{
-    StreamingRecognizeRequest, StreamingRecognizeResponse,
-    streaming_recognize_request::StreamingRequest,
-};
+use googleapis_tonic_google_cloud_speech_v1::google::cloud::speech::v1::StreamingRecognizeRequest;
+use http::{HeaderValue, Uri};
 use pipeline::metrics::{self, Gauge, Histogram};
 use pipeline::{EngineResults, StreamConfig, SttEngine, SttError, SttStream};
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 pub use config::{GoogleAuth, GoogleConfig};
 /// For credentials obtained other than through ADC (see [`GoogleEngine::with_token_provider`]).
@@ -52,10 +45,6 @@ pub use gcp_auth::{CustomServiceAccount, TokenProvider};
 /// The `engine` metric label.
 pub const ENGINE: &str = "google";
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
-/// Requests queued towards one upstream stream: a few batches. When it is full, audio waits in
-/// the session's buffer and leaves as one larger request (see `next_chunk`). (A queue of one,
-/// to coalesce sooner, measured no CPU saving at 1,000 clients and tripled median latency.)
-const REQUEST_QUEUE: usize = 8;
 const RESULT_QUEUE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,12 +82,11 @@ pub struct GoogleEngine {
 pub(crate) struct Shared {
     pub settings: Settings,
     vad_gate: bool,
-    endpoint: Endpoint,
-    tls_domain: Option<String>,
+    endpoint: Uri,
     connections: usize,
     capacity: usize,
-    /// Built on first use, inside the runtime (a lazy channel spawns its worker).
-    pool: OnceLock<Result<Vec<Connection>, String>>,
+    /// Built on first use (TLS setup reads the system's root certificates).
+    pool: OnceLock<Result<Pool, String>>,
     sessions: AtomicUsize,
     /// Where the search for the least-loaded connection starts, so ties (and a retry after a
     /// failed connection) move on to the next one.
@@ -106,9 +94,9 @@ pub(crate) struct Shared {
     auth: Auth,
 }
 
-struct Connection {
-    channel: Channel,
-    streams: Arc<AtomicUsize>,
+struct Pool {
+    target: grpc::Target,
+    connections: Vec<grpc::Connection>,
 }
 
 enum Auth {
@@ -141,15 +129,17 @@ impl GoogleEngine {
             .host()
             .ok_or_else(|| bad_endpoint("no host"))?
             .to_string();
-        let tls_domain = match uri.scheme_str() {
-            Some("https") => Some(host),
-            Some("http") => None,
+        if host.is_empty() {
+            return Err(bad_endpoint("no host"));
+        }
+        match uri.scheme_str() {
+            Some("https" | "http") => {}
             _ => {
                 return Err(bad_endpoint(
                     "the scheme must be https (or http for an emulator)",
                 ));
             }
-        };
+        }
         if !matches!(uri.path(), "" | "/") {
             return Err(bad_endpoint("must not have a path"));
         }
@@ -205,14 +195,6 @@ impl GoogleEngine {
             use_enhanced: config.use_enhanced,
             write_coalesce: Duration::from_micros(config.write_coalesce_us),
         };
-        let endpoint = Endpoint::from_shared(config.endpoint.clone())
-            .map_err(|_| bad_endpoint("not a valid endpoint"))?
-            .user_agent(concat!("voxflow/", env!("CARGO_PKG_VERSION")))
-            .map_err(|_| bad_endpoint("user agent"))?
-            // TCP settings (nodelay, connect timeout) are the connector's: see `pool`.
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
         let auth = match (provider, config.auth) {
             (Some(provider), _) => Auth::Adc(tokio::sync::OnceCell::new_with(Some(provider))),
             (None, GoogleAuth::Adc) => Auth::Adc(tokio::sync::OnceCell::new()),
@@ -222,8 +204,7 @@ impl GoogleEngine {
             shared: Arc::new(Shared {
                 settings,
                 vad_gate: config.vad_gate,
-                endpoint,
-                tls_domain,
+                endpoint: uri,
                 connections: config.connections,
                 capacity: config.connections * config.max_streams_per_connection,
                 pool: OnceLock::new(),
@@ -303,57 +284,42 @@ impl Drop for StreamSlot {
 }
 
 /// Resolves to the response stream once the server has sent response headers.
-pub(crate) type PendingResponses = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<tonic::Streaming<StreamingRecognizeResponse>, Status>,
-            > + Send,
-    >,
->;
+pub(crate) type PendingResponses =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<grpc::Responses, Status>> + Send>>;
 
 /// A started upstream stream: where requests go, where responses will come from.
 pub(crate) struct Opened {
-    /// Audio content for the requests after the config. The queue holds bytes, not requests: a
-    /// tokio queue allocates slots 32 at a time, and a request (sized for its config variant)
-    /// made those blocks ~24 KiB per stream.
-    pub requests: mpsc::Sender<Vec<u8>>,
+    pub requests: grpc::Requests,
     pub responses: PendingResponses,
     pub slot: StreamSlot,
 }
 
 impl Shared {
-    fn pool(&self) -> Result<&[Connection], Status> {
+    fn pool(&self) -> Result<&Pool, Status> {
         let pool = self.pool.get_or_init(|| {
-            let mut endpoint = self.endpoint.clone();
-            if let Some(domain) = &self.tls_domain {
-                let tls = ClientTlsConfig::new()
-                    .with_native_roots()
-                    .with_webpki_roots()
-                    .domain_name(domain.clone());
-                endpoint = endpoint
-                    .tls_config(tls)
-                    .map_err(|error| error.to_string())?;
-            }
-            Ok((0..self.connections)
-                .map(|_| Connection {
-                    channel: endpoint.connect_with_connector_lazy(transport::Connector::new(
-                        self.settings.open_timeout,
-                        self.settings.write_coalesce,
-                    )),
-                    streams: Arc::new(AtomicUsize::new(0)),
-                })
-                .collect())
+            let target = grpc::Target::new(
+                &self.endpoint,
+                self.settings.open_timeout,
+                self.settings.write_coalesce,
+            )?;
+            Ok(Pool {
+                target,
+                connections: (0..self.connections)
+                    .map(|_| grpc::Connection::new())
+                    .collect(),
+            })
         });
-        pool.as_deref()
-            .map_err(|error| Status::unavailable(format!("TLS setup: {error}")))
+        pool.as_ref()
+            .map_err(|error| Status::unavailable(format!("upstream setup: {error}")))
     }
 
     /// Take a place on the least-loaded connection.
-    fn pick(&self) -> Result<(Channel, StreamSlot), Status> {
+    fn pick(&self) -> Result<(&Pool, &grpc::Connection, StreamSlot), Status> {
         let pool = self.pool()?;
+        let connections = &pool.connections;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let connection = (0..pool.len())
-            .filter_map(|i| pool.get((start + i) % pool.len()))
+        let connection = (0..connections.len())
+            .filter_map(|i| connections.get((start + i) % connections.len()))
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))
             .ok_or_else(|| Status::unavailable("no connections"))?;
         connection.streams.fetch_add(1, Ordering::Relaxed);
@@ -363,10 +329,10 @@ impl Shared {
             streams: Arc::clone(&connection.streams),
             active,
         };
-        Ok((connection.channel.clone(), slot))
+        Ok((pool, connection, slot))
     }
 
-    async fn authorization(&self) -> Result<Option<MetadataValue<Ascii>>, Status> {
+    async fn authorization(&self) -> Result<Option<HeaderValue>, Status> {
         let Auth::Adc(provider) = &self.auth else {
             return Ok(None);
         };
@@ -379,9 +345,10 @@ impl Shared {
             .token(&[SCOPE])
             .await
             .map_err(|error| Status::unavailable(format!("fetching a token: {error}")))?;
-        MetadataValue::try_from(format!("Bearer {}", token.as_str()))
-            .map(Some)
-            .map_err(|_| Status::unauthenticated("the access token is not a valid header"))
+        let mut value = HeaderValue::try_from(format!("Bearer {}", token.as_str()))
+            .map_err(|_| Status::unauthenticated("the access token is not a valid header"))?;
+        value.set_sensitive(true);
+        Ok(Some(value))
     }
 
     /// Start an upstream stream whose first request is `first` (the streaming config).
@@ -390,67 +357,23 @@ impl Shared {
     /// result, so audio must flow before they arrive. `open_latency` records when they do.
     pub(crate) async fn open_upstream(
         &self,
-        first: StreamingRecognizeRequest,
+        first: &StreamingRecognizeRequest,
         open_latency: Histogram,
     ) -> Result<Opened, Status> {
         let started = tokio::time::Instant::now();
         let authorization = self.authorization().await?;
-        let (channel, slot) = self.pick()?;
-        let (requests, rx) = mpsc::channel(REQUEST_QUEUE);
-        // The config leads, so it is on its way when headers are.
-        let audio = ReceiverStream::new(rx).map(|content| StreamingRecognizeRequest {
-            streaming_request: Some(StreamingRequest::AudioContent(content)),
-        });
-        let mut request = tonic::Request::new(tokio_stream::once(first).chain(audio));
-        if let Some(value) = authorization {
-            request.metadata_mut().insert("authorization", value);
-        }
-        let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(16 << 20);
+        let (pool, connection, slot) = self.pick()?;
+        let (requests, response) = connection.open(&pool.target, authorization, first).await?;
         let responses = Box::pin(async move {
-            client
-                .ready()
-                .await
-                .map_err(|error| Status::unavailable(format!("connection not ready: {error}")))?;
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAMING_RECOGNIZE);
-            let responses = client.streaming(request, path, SmallBuffers).await;
+            let responses = grpc::responses(response).await;
             open_latency.record(started.elapsed().as_secs_f64());
-            Ok(responses?.into_inner())
+            responses
         });
         Ok(Opened {
             requests,
             responses,
             slot,
         })
-    }
-}
-
-const STREAMING_RECOGNIZE: &str = "/google.cloud.speech.v1.Speech/StreamingRecognize";
-
-/// Protobuf with 768-byte codec buffers instead of tonic's 8 KiB: they are allocated per
-/// stream (one to encode, one to decode) and grow when a message needs it, while an audio
-/// request of 20 ms is 650 bytes framed and a result a few hundred. The encoder starts a new
-/// buffer for each request while HTTP/2 still holds the last, so this is also the size of
-/// every request waiting to be written. Saves ~15 KiB per stream (heaptrack) over 8 KiB.
-struct SmallBuffers;
-
-type Prost = tonic_prost::ProstCodec<StreamingRecognizeRequest, StreamingRecognizeResponse>;
-
-fn codec_buffers() -> BufferSettings {
-    BufferSettings::new(768, 32 * 1024)
-}
-
-impl Codec for SmallBuffers {
-    type Encode = StreamingRecognizeRequest;
-    type Decode = StreamingRecognizeResponse;
-    type Encoder = <Prost as Codec>::Encoder;
-    type Decoder = <Prost as Codec>::Decoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        Prost::raw_encoder(codec_buffers())
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        Prost::raw_decoder(codec_buffers())
     }
 }
 

@@ -30,12 +30,13 @@ use pipeline::{
     StreamConfig, SttError, TrySendError,
 };
 use rand::Rng;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until, timeout};
 use tonic::Status;
 
 use super::{
-    ENGINE, PendingResponses, SessionSlot, Settings, Shared, StreamSlot, code_name, is_transient,
+    ENGINE, PendingResponses, SessionSlot, Settings, Shared, StreamSlot, code_name, grpc,
+    is_transient,
 };
 
 /// Google's limit on the audio in one request: 25,600 bytes of LINEAR16.
@@ -138,7 +139,7 @@ pub(crate) fn record_segment(segments: &mut Vec<Segment>, stream_pos: u64, from:
 /// An upstream stream's response side: waiting for headers, then a stream of responses.
 enum Responses {
     Pending(PendingResponses),
-    Open(Box<tonic::Streaming<StreamingRecognizeResponse>>),
+    Open(Box<grpc::Responses>),
 }
 
 /// The current upstream stream's request side and what was sent on it. Its response side is
@@ -146,7 +147,7 @@ enum Responses {
 /// go resets the stream rather than half-closing it.
 struct Upstream {
     /// `None` once half-closed.
-    requests: Option<mpsc::Sender<Vec<u8>>>,
+    requests: Option<grpc::Requests>,
     /// Held for the stream's life (frees the connection's stream count).
     _slot: StreamSlot,
     opened: Instant,
@@ -336,33 +337,34 @@ impl Core {
 
     fn send_chunk(&mut self) {
         let Some(up) = &mut self.upstream else { return };
-        let Some(requests) = &up.requests else { return };
         let Some((index, from, to)) = next_chunk(&self.buffer, up.sent_end, self.finalize_at)
         else {
             return;
         };
-        // Only this session sends on its stream, always under the lock: a permit taken here is
-        // the one `send` below uses.
-        let Ok(permit) = requests.try_reserve() else {
+        let Some(requests) = &mut up.requests else {
             return;
         };
-        let len = (to - from) as usize;
-        let mut bytes = vec![0u8; len * 2];
-        let mut written = 0;
-        for batch in self.buffer.range(index..) {
-            if batch.start_sample >= to {
-                break;
-            }
-            let start = (from.max(batch.start_sample) - batch.start_sample) as usize;
-            let end = (to.min(batch.end_sample()) - batch.start_sample) as usize;
-            let out = &mut bytes[written..written + (end - start) * 2];
-            // Fixed-size pairs, not a push per sample: this loop compiles to vector stores.
-            for (pair, sample) in out.chunks_exact_mut(2).zip(&batch.samples[start..end]) {
-                pair.copy_from_slice(&sample.to_le_bytes());
-            }
-            written += out.len();
+        if !requests.has_room() {
+            return;
         }
-        permit.send(bytes);
+        let len = (to - from) as usize;
+        let buffer = &self.buffer;
+        requests.send_audio(len, |bytes| {
+            let mut written = 0;
+            for batch in buffer.range(index..) {
+                if batch.start_sample >= to {
+                    break;
+                }
+                let start = (from.max(batch.start_sample) - batch.start_sample) as usize;
+                let end = (to.min(batch.end_sample()) - batch.start_sample) as usize;
+                let out = &mut bytes[written..written + (end - start) * 2];
+                // Fixed-size pairs, not a push per sample: this loop compiles to vector stores.
+                for (pair, sample) in out.chunks_exact_mut(2).zip(&batch.samples[start..end]) {
+                    pair.copy_from_slice(&sample.to_le_bytes());
+                }
+                written += out.len();
+            }
+        });
         record_segment(&mut up.segments, up.samples_sent, from, len as u64);
         up.samples_sent += len as u64;
         up.sent_end = to;
@@ -573,8 +575,8 @@ enum Step {
     Open,
     Wait {
         timer: Option<Instant>,
-        /// The stream's request side, to wait for room on, when audio backed up behind it.
-        backlog: Option<mpsc::Sender<Vec<u8>>>,
+        /// Audio backed up behind the stream's request side: wait for room on it.
+        backlog: bool,
     },
     Done,
 }
@@ -724,12 +726,10 @@ impl Task {
                 biased;
                 () = self.results.closed() => return,
                 response = next_response(self.responses.as_mut()) => Wake::Response(response),
-                () = writable(backlog.as_ref()) => Wake::Writable,
+                () = writable(&self.link), if backlog => Wake::Writable,
                 () = self.link.wake.notified() => Wake::Told,
                 () = &mut self.timer, if timer_set => Wake::Timer,
             };
-            // Let go of the request side before acting: a half-close needs every sender gone.
-            drop(backlog);
             let flow = match wake {
                 Wake::Response(response) => self.on_response(response).await,
                 Wake::Writable => {
@@ -775,7 +775,9 @@ impl Task {
             if !up.closing {
                 up.close_reason = if input_done { "end" } else { "finalize" };
             }
-            up.requests = None;
+            if let Some(mut requests) = up.requests.take() {
+                requests.finish();
+            }
             up.half_closed_at = Some(now);
         }
         if core.input_done && core.upstream.is_none() && core.speech_batches == 0 {
@@ -783,7 +785,7 @@ impl Task {
         }
         core.wake_input();
         let mut timer = core.retry_at.filter(|_| core.upstream.is_none());
-        let mut backlog = None;
+        let mut backlog = false;
         if let Some(up) = &core.upstream {
             let deadline = if let Some(half_closed) = up.half_closed_at {
                 Some(half_closed + settings.drain_timeout)
@@ -795,7 +797,7 @@ impl Task {
             };
             timer = min_instant(timer, deadline);
             if !up.closing && next_chunk(&core.buffer, up.sent_end, core.finalize_at).is_some() {
-                backlog = up.requests.clone();
+                backlog = up.requests.is_some();
             }
         }
         Step::Wait { timer, backlog }
@@ -805,10 +807,7 @@ impl Task {
         let shared = Arc::clone(&self.link.shared);
         let opened = timeout(
             shared.settings.open_timeout,
-            shared.open_upstream(
-                self.first_request.clone(),
-                self.metrics.open_latency.clone(),
-            ),
+            shared.open_upstream(&self.first_request, self.metrics.open_latency.clone()),
         )
         .await;
         let opened = match opened {
@@ -1161,13 +1160,17 @@ async fn next_response(
     }
 }
 
-/// Resolves when `requests` has room (or is closed: its response side then says why).
-async fn writable(requests: Option<&mpsc::Sender<Vec<u8>>>) {
-    match requests {
-        // The permit is given back at once: the send happens under the lock.
-        Some(requests) => drop(requests.reserve().await),
-        None => std::future::pending().await,
-    }
+/// Resolves when the stream's request side has room (a failed one never has: its response
+/// side then says why). The send happens under the lock, by whoever takes it next.
+async fn writable(link: &Link) {
+    std::future::poll_fn(|cx| {
+        let mut core = link.lock();
+        match core.upstream.as_mut().and_then(|up| up.requests.as_mut()) {
+            Some(requests) => requests.poll_room(cx),
+            None => Poll::Pending,
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -147,9 +147,16 @@ fn stream_positions_map_back_across_gaps() {
 }
 
 #[tokio::test]
-async fn tls_channels_build_without_io() {
-    // rustls with ring, system and webpki roots; connecting stays lazy.
+async fn the_tls_pool_builds_without_connecting() {
+    // rustls with ring, system and webpki roots; connecting waits for the first stream.
     let engine = GoogleEngine::new(&GoogleConfig::default()).unwrap();
-    assert_eq!(engine.shared.pool().map(<[_]>::len).unwrap(), 4);
-    let (_channel, _slot) = engine.shared.pick().unwrap();
+    let pool = engine.shared.pool().unwrap();
+    assert_eq!(pool.connections.len(), 4);
+    let (_pool, connection, _slot) = engine.shared.pick().unwrap();
+    assert_eq!(
+        connection
+            .streams
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }

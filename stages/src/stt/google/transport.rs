@@ -16,21 +16,15 @@
 //! bounded: above [`HIGH_WATER_BYTES`] writes wait for the writer (backpressure to HTTP/2). TLS,
 //! when configured, runs on top, so its records coalesce the same way.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
-use tonic::transport::Uri;
 
 /// Bytes held before writes wait for the writer: by then one system call carries many
 /// requests, and the connection must not buffer without bound.
@@ -268,47 +262,6 @@ impl<R: Unpin> AsyncWrite for Coalesced<R> {
         drop(state);
         self.shared.wake_writer.notify_one();
         Poll::Pending
-    }
-}
-
-/// hyper's TCP connector (nodelay, connect timeout), its sockets wrapped in [`Coalesced`].
-#[derive(Clone)]
-pub struct Connector {
-    http: HttpConnector,
-    window: Duration,
-}
-
-impl Connector {
-    pub fn new(connect_timeout: Duration, window: Duration) -> Connector {
-        let mut http = HttpConnector::new();
-        // The scheme is for tonic to act on (TLS on top for https), not for the TCP connector.
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        Connector { http, window }
-    }
-}
-
-type Connecting =
-    Pin<Box<dyn Future<Output = io::Result<TokioIo<Coalesced<OwnedReadHalf>>>> + Send + 'static>>;
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Coalesced<OwnedReadHalf>>;
-    type Error = io::Error;
-    type Future = Connecting;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(io::Error::other)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = tower_service::Service::call(&mut self.http, uri);
-        let window = self.window;
-        Box::pin(async move {
-            let stream: TcpStream = connecting.await.map_err(io::Error::other)?.into_inner();
-            let (read, write) = stream.into_split();
-            Ok(TokioIo::new(Coalesced::new(read, write, window)))
-        })
     }
 }
 
