@@ -460,6 +460,76 @@ async fn unavailable_mid_utterance() {
     );
 }
 
+/// A TCP relay in front of the emulator whose connections the test can cut, as a network
+/// failure or a restarted front end would; counts the connections it was asked for.
+struct Relay {
+    addr: SocketAddr,
+    cut: tokio::sync::broadcast::Sender<()>,
+    connections: Arc<AtomicU64>,
+}
+
+async fn start_relay(upstream: SocketAddr) -> Relay {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cut, _) = tokio::sync::broadcast::channel(4);
+    let connections = Arc::new(AtomicU64::new(0));
+    let (cuts, counted) = (cut.clone(), Arc::clone(&connections));
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let mut cut = cuts.subscribe();
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                // Either side closing, or a cut, drops both sockets.
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = cut.recv() => {}
+                }
+            });
+        }
+    });
+    Relay {
+        addr,
+        cut,
+        connections,
+    }
+}
+
+/// The upstream connection is cut three times mid-session: each time the stream fails, a new
+/// connection is made, the uncovered audio is replayed, and no final is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_are_replaced_without_loss() {
+    let emulator = start_emulator(EmulatorConfig::default()).await;
+    let relay = start_relay(emulator.addr).await;
+    let engine = GoogleEngine::new(&engine_config(relay.addr)).unwrap();
+    let mut script = Script::default();
+    script.utterances(24, 11);
+    let cut = relay.cut.clone();
+    let cutter = tokio::spawn(async move {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let _ = cut.send(());
+        }
+    });
+    let results = timeout(
+        Duration::from_secs(30),
+        run_session(&engine, &script, Some(Duration::from_millis(2)), &[]),
+    )
+    .await
+    .expect("session finished");
+    cutter.await.unwrap();
+    check_finals(&results, &script.expected);
+    let connections = relay.connections.load(Ordering::Relaxed);
+    assert!(
+        connections >= 2,
+        "a cut connection was replaced by a new one: {connections} connections"
+    );
+    println!(
+        "{connections} upstream connections over {:.1} s of audio with 3 cuts",
+        script.audio_secs()
+    );
+}
+
 /// Audio fed at four times real time, with faults and rotations: what backs up behind a full
 /// request stream (while a stream opens, or after a fault) leaves in larger requests, neither
 /// lost nor duplicated, and finals keep their positions.
