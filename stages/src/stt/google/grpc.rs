@@ -1,8 +1,8 @@
 //! The one gRPC call the engine makes, `StreamingRecognize`, straight on HTTP/2 (h2).
 //!
-//! tonic's channel hands a streaming request body to hyper, which pipes it into HTTP/2 from a
-//! task of its own per stream: each 20 ms audio request went through a queue, woke that task and
-//! was encoded there, ~9% of a loaded gateway's CPU (BENCHMARKS.md). Here the session's own task
+//! Through tonic's channel, hyper piped a streaming request body into HTTP/2 from a task of its
+//! own per stream: each 20 ms audio request went through a queue, woke that task and was encoded
+//! there, ~9% of a loaded gateway's CPU (BENCHMARKS.md). Here the session's own task
 //! frames each request into its final bytes and gives them to the HTTP/2 stream, which the
 //! connection's task writes. Backpressure is hyper's: a request is sent while the stream has
 //! flow-control capacity, so at most one request waits beyond the peer's window.
@@ -243,10 +243,14 @@ impl Connection {
             .map_err(|error| Status::unavailable(format!("connecting upstream: {error}")))?;
         let generation = rand::random::<u64>();
         *slot = Some((generation, sender.clone()));
-        let shared = Arc::clone(&self.sender);
+        // Weak: the slot's sender keeps the connection open, so a strong reference here would
+        // keep it open after the pool is gone.
+        let shared = Arc::downgrade(&self.sender);
         tokio::spawn(async move {
             driver.await;
-            forget(&shared, generation).await;
+            if let Some(shared) = shared.upgrade() {
+                forget(&shared, generation).await;
+            }
         });
         Ok((generation, sender))
     }
