@@ -25,6 +25,20 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// Append the bytes `text` encodes to `bytes`.
+///
+/// The SIMD decoder takes the usual payload (standard alphabet, padded) at several times the
+/// speed of a scalar one; at 1,000 JSON clients scalar decoding was ~3% of the server's CPU.
+/// Anything it refuses (no padding, or not base64) goes to the scalar decoder, which accepts
+/// padding or its absence and names what is wrong and where.
+fn decode_base64(text: &[u8], bytes: &mut Vec<u8>) -> Result<(), DecodeError> {
+    if base64_simd::STANDARD.decode_append(text, bytes).is_ok() {
+        return Ok(());
+    }
+    bytes.clear();
+    BASE64.decode_vec(text, bytes).map_err(DecodeError::from)
+}
+
 /// Longest Opus packet duration (120 ms) at 48 kHz, in samples per channel.
 const OPUS_MAX_SAMPLES: usize = 5_760;
 
@@ -130,40 +144,61 @@ impl Decode {
                 });
             }
         }
-        self.pcm.clear();
+        // Mono PCM is decoded straight into the frame's own buffer; Opus and stereo go through
+        // the scratch buffer (Opus needs room for its longest packet), then are copied out.
+        let direct = channels == 1 && self.format.encoding != Encoding::Opus;
+        let mut pcm = if direct {
+            Vec::with_capacity(bytes.len() / self.format.encoding.bytes_per_sample().unwrap_or(1))
+        } else {
+            std::mem::take(&mut self.pcm)
+        };
+        pcm.clear();
+        let decoded = self.decode_into(bytes, channels, &mut pcm);
+        if direct {
+            return decoded.map(|()| pcm);
+        }
+        let samples = decoded.map(|()| {
+            if channels == 2 {
+                downmix(&pcm)
+            } else {
+                pcm.clone()
+            }
+        });
+        self.pcm = pcm;
+        samples
+    }
+
+    fn decode_into(
+        &mut self,
+        bytes: &[u8],
+        channels: usize,
+        pcm: &mut Vec<i16>,
+    ) -> Result<(), DecodeError> {
         match self.format.encoding {
             Encoding::Linear16 => {
-                self.pcm.extend(
+                pcm.extend(
                     bytes
                         .chunks_exact(2)
                         .map(|b| i16::from_le_bytes([b[0], b[1]])),
                 );
             }
-            Encoding::Float32 => self.pcm.extend(bytes.chunks_exact(4).map(|b| {
+            Encoding::Float32 => pcm.extend(bytes.chunks_exact(4).map(|b| {
                 let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 // NaN becomes 0; everything else saturates.
                 (v * 32_767.0) as i16
             })),
-            Encoding::Mulaw => self
-                .pcm
-                .extend(bytes.iter().map(|&b| g711::MULAW[usize::from(b)])),
-            Encoding::Alaw => self
-                .pcm
-                .extend(bytes.iter().map(|&b| g711::ALAW[usize::from(b)])),
+            Encoding::Mulaw => pcm.extend(bytes.iter().map(|&b| g711::MULAW[usize::from(b)])),
+            Encoding::Alaw => pcm.extend(bytes.iter().map(|&b| g711::ALAW[usize::from(b)])),
             Encoding::Opus => {
                 let decoder = self.opus.as_mut().expect("built with the format");
-                self.pcm.resize(OPUS_MAX_SAMPLES * channels, 0);
+                pcm.resize(OPUS_MAX_SAMPLES * channels, 0);
                 let n = decoder
-                    .decode(bytes, &mut self.pcm, false)
+                    .decode(bytes, pcm, false)
                     .map_err(|e| DecodeError::Opus(e.to_string()))?;
-                self.pcm.truncate(n * channels);
+                pcm.truncate(n * channels);
             }
         }
-        Ok(if channels == 2 {
-            downmix(&self.pcm)
-        } else {
-            self.pcm.clone()
-        })
+        Ok(())
     }
 }
 
@@ -185,9 +220,7 @@ impl Processor for Decode {
             PayloadData::Base64(text) => {
                 let mut bytes = std::mem::take(&mut self.bytes);
                 bytes.clear();
-                let decoded = BASE64
-                    .decode_vec(text, &mut bytes)
-                    .map_err(DecodeError::from);
+                let decoded = decode_base64(text, &mut bytes);
                 let samples = decoded.and_then(|()| self.decode_bytes(&bytes));
                 self.bytes = bytes;
                 samples?

@@ -217,6 +217,16 @@ mod properties {
         }
 
         #[test]
+        fn the_fast_base64_path_accepts_and_refuses_what_the_scalar_decoder_does(
+            text in "[A-Za-z0-9+/]{0,64}(=|==)?|[A-Za-z0-9+/=@ -]{0,64}",
+        ) {
+            let mut fast = Vec::new();
+            let fast = super::super::decode_base64(text.as_bytes(), &mut fast).map(|()| fast);
+            let scalar = super::super::BASE64.decode(text.as_bytes());
+            prop_assert_eq!(fast.ok(), scalar.ok());
+        }
+
+        #[test]
         fn base64_of_any_bytes_decodes_like_the_bytes(
             format in valid_format(),
             bytes in prop::collection::vec(any::<u8>(), 0..2_000),
