@@ -28,7 +28,6 @@ pub struct Vad {
     settings: VadSettings,
     gate: bool,
     model: Option<Model>,
-    window: Vec<i16>,
     /// Samples still inside the hangover after the last speech window.
     hangover_left: u64,
     held: VecDeque<AudioFrame>,
@@ -39,12 +38,14 @@ pub struct Vad {
 struct Model {
     detector: Box<earshot::Detector>,
     shortcut: Shortcut,
-    /// The last windows not fed to the detector: a ring, `unfed_len` of them from
-    /// `unfed_start`. Boxed: the stage is moved through several nested futures, each of which
-    /// would otherwise hold its own copy.
-    unfed: Box<[[i16; WINDOW]; RESYNC_WINDOWS]>,
+    /// A ring of windows: the last ones not fed to the detector (`unfed_len` of them from
+    /// `unfed_start`), then the one being filled (`filled` samples). A skipped window joins the
+    /// ring where it was filled, without a copy. Boxed: the stage is moved through several
+    /// nested futures, each of which would otherwise hold its own copy.
+    ring: Box<[[i16; WINDOW]; RING]>,
     unfed_start: usize,
     unfed_len: usize,
+    filled: usize,
     /// Windows the detector has scored, replays included (for tests).
     #[cfg(test)]
     runs: u64,
@@ -55,61 +56,67 @@ impl Model {
         Model {
             detector: earshot::Detector::default_boxed(),
             shortcut: Shortcut::new(settings.max_unscored_windows, settings.threshold),
-            unfed: Box::new([[0; WINDOW]; RESYNC_WINDOWS]),
+            ring: Box::new([[0; WINDOW]; RING]),
             unfed_start: 0,
             unfed_len: 0,
+            filled: 0,
             #[cfg(test)]
             runs: 0,
         }
     }
 
-    /// Whether a full window is speech, scoring it only if the shortcut says so.
-    fn classify(&mut self, window: &[i16], threshold: f32) -> bool {
-        let energy = shortcut::energy(window);
+    /// Add samples to the window being filled; how many it took (all, or up to a full window).
+    fn fill(&mut self, samples: &[i16]) -> usize {
+        let current = (self.unfed_start + self.unfed_len) % RING;
+        let take = (WINDOW - self.filled).min(samples.len());
+        self.ring[current][self.filled..self.filled + take].copy_from_slice(&samples[..take]);
+        self.filled += take;
+        take
+    }
+
+    /// Whether the window just filled is speech, scoring it only if the shortcut says so.
+    fn classify(&mut self, threshold: f32) -> bool {
+        debug_assert_eq!(self.filled, WINDOW);
+        self.filled = 0;
+        let current = (self.unfed_start + self.unfed_len) % RING;
+        let energy = shortcut::energy(&self.ring[current]);
         let plan = self.shortcut.plan(energy);
         match plan {
             Plan::Speech | Plan::Silence => {
-                self.skip(window);
+                // Kept as the newest unfed window; the oldest goes when there are too many.
+                if self.unfed_len == RESYNC_WINDOWS {
+                    self.unfed_start = (self.unfed_start + 1) % RING;
+                } else {
+                    self.unfed_len += 1;
+                }
                 return plan == Plan::Speech;
             }
             Plan::Score => {
                 for i in 0..self.unfed_len {
-                    let index = (self.unfed_start + i) % RESYNC_WINDOWS;
+                    let index = (self.unfed_start + i) % RING;
                     #[cfg(test)]
                     {
                         self.runs += 1;
                     }
-                    self.detector.predict_i16(&self.unfed[index]);
+                    self.detector.predict_i16(&self.ring[index]);
                 }
             }
             Plan::Check => {}
         }
-        self.unfed_start = 0;
-        self.unfed_len = 0;
-        let score = self.predict(window);
-        self.shortcut.scored(energy, score);
-        score >= threshold
-    }
-
-    fn predict(&mut self, window: &[i16]) -> f32 {
         #[cfg(test)]
         {
             self.runs += 1;
         }
-        self.detector.predict_i16(window)
-    }
-
-    /// Remember a window the detector did not see; the oldest goes when the ring is full.
-    fn skip(&mut self, window: &[i16]) {
-        let index = (self.unfed_start + self.unfed_len) % RESYNC_WINDOWS;
-        self.unfed[index].copy_from_slice(window);
-        if self.unfed_len == RESYNC_WINDOWS {
-            self.unfed_start = (self.unfed_start + 1) % RESYNC_WINDOWS;
-        } else {
-            self.unfed_len += 1;
-        }
+        let score = self.detector.predict_i16(&self.ring[current]);
+        self.unfed_start = 0;
+        self.unfed_len = 0;
+        self.shortcut.scored(energy, score);
+        score >= threshold
     }
 }
+
+/// The unfed windows, and the one being filled.
+const RING: usize = RESYNC_WINDOWS + 1;
 
 impl Vad {
     pub fn new(settings: VadSettings, gate: bool) -> Vad {
@@ -117,7 +124,6 @@ impl Vad {
             settings,
             gate: gate && settings.enabled,
             model: settings.enabled.then(|| Model::new(&settings)),
-            window: Vec::with_capacity(WINDOW),
             hangover_left: 0,
             held: VecDeque::new(),
             held_samples: 0,
@@ -132,19 +138,16 @@ impl Vad {
         let mut speech = self.hangover_left > 0;
         let mut rest = samples;
         while !rest.is_empty() {
-            let take = (WINDOW - self.window.len()).min(rest.len());
-            self.window.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.window.len() < WINDOW {
+            rest = &rest[model.fill(rest)..];
+            if model.filled < WINDOW {
                 break;
             }
-            if model.classify(&self.window, self.settings.threshold) {
+            if model.classify(self.settings.threshold) {
                 self.hangover_left = self.settings.hangover_samples;
                 speech = true;
             } else {
                 self.hangover_left = self.hangover_left.saturating_sub(WINDOW as u64);
             }
-            self.window.clear();
         }
         speech
     }
