@@ -64,10 +64,11 @@ pub struct GoogleConfig {
     pub model: String,
     /// Ask for the enhanced variant of the model where one exists (billed at a higher rate).
     pub use_enhanced: bool,
-    /// Hold each gRPC connection's socket writes for at most this long after its previous
-    /// write, so requests from many streams leave in one system call. A connection that wrote
-    /// nothing for this long writes at once, so a lone stream gains no latency; under load a
-    /// request waits less than this. 0 = write on every HTTP/2 flush.
+    /// Hold a busy gRPC connection's socket writes for at most this long after its previous
+    /// write, so requests from many streams leave in one system call. A connection carrying
+    /// fewer requests than one per window writes each at once (no added latency); a busy one
+    /// makes a request wait at most this long (rounded up to the timer's millisecond).
+    /// 0 = write on every HTTP/2 flush.
     pub write_coalesce_us: u64,
 }
 
