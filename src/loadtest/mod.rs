@@ -420,6 +420,11 @@ async fn drive(
     let mut report = Report {
         kind: "voxflow_loadtest",
         date: report::today(),
+        gateway: match (args.spawn, args.reference) {
+            (true, false) => "voxflow",
+            (true, true) => "reference",
+            (false, _) => "url",
+        },
         mode: args.mode,
         encoding: args.encoding.as_str(),
         sample_rate_hertz: args.sample_rate_hertz,

@@ -14,6 +14,9 @@ pub struct Report {
     pub kind: &'static str,
     /// UTC date of the run.
     pub date: String,
+    /// What was tested: "voxflow" or "reference" (the bare-minimum gateway) when spawned,
+    /// "url" for a server started elsewhere.
+    pub gateway: &'static str,
     pub mode: Mode,
     pub encoding: &'static str,
     pub sample_rate_hertz: u32,
@@ -191,8 +194,9 @@ impl Report {
         let m = &self.markers;
         let _ = writeln!(
             out,
-            "voxflow loadtest {} · {} {} Hz · {} clients ({} connected) · {:.0} s measured",
+            "voxflow loadtest {} · {} · {} {} Hz · {} clients ({} connected) · {:.0} s measured",
             self.date,
+            self.gateway,
             match self.mode {
                 Mode::Json => "JSON/base64",
                 Mode::Binary => "binary",
