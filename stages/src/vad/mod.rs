@@ -65,9 +65,14 @@ impl Model {
         }
     }
 
+    /// The ring slot of the window being filled: the one after the unfed windows.
+    fn current(&self) -> usize {
+        (self.unfed_start + self.unfed_len) % RING
+    }
+
     /// Add samples to the window being filled; how many it took (all, or up to a full window).
     fn fill(&mut self, samples: &[i16]) -> usize {
-        let current = (self.unfed_start + self.unfed_len) % RING;
+        let current = self.current();
         let take = (WINDOW - self.filled).min(samples.len());
         self.ring[current][self.filled..self.filled + take].copy_from_slice(&samples[..take]);
         self.filled += take;
@@ -78,7 +83,7 @@ impl Model {
     fn classify(&mut self, threshold: f32) -> bool {
         debug_assert_eq!(self.filled, WINDOW);
         self.filled = 0;
-        let current = (self.unfed_start + self.unfed_len) % RING;
+        let current = self.current();
         let energy = shortcut::energy(&self.ring[current]);
         let plan = self.shortcut.plan(energy);
         match plan {

@@ -184,7 +184,7 @@ async fn writer<W: AsyncWrite + Unpin>(mut socket: W, shared: Arc<Shared>, windo
             && let Some(last) = last_write
         {
             let until = last + window;
-            if Instant::now() < until && shared.lock().buf.len() < HIGH_WATER_BYTES {
+            if now < until && shared.lock().buf.len() < HIGH_WATER_BYTES {
                 sleep_until(until).await;
             }
         }
